@@ -1,0 +1,57 @@
+"""The `prolong-nemo` command line: one entry point, one module per command group.
+
+Each command group lives next to the code it drives and exposes
+``configure_parser(parser)``, which adds its arguments (or sub-commands) to
+the parser of `prolong-nemo <group>` and sets ``func`` (called with the parsed args).
+Groups are imported lazily so `prolong-nemo data ...` never pays for importing megatron.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command, module that registers it, one-line help)
+COMMAND_GROUPS: tuple[tuple[str, str, str], ...] = (
+    ("data", "prolong_nemo.data.commands", "inspect, tokenize and pack ProLong MDS data"),
+    ("train", "prolong_nemo.training.commands", "train a recipe (Megatron-Bridge on GPU, CPU runner otherwise)"),
+    ("plan", "prolong_nemo.recipes.plan", "check a recipe's parallelism and estimate memory before launching"),
+    ("launch", "prolong_nemo.recipes.launch", "submit a recipe through NeMo-Run (local or Slurm)"),
+    ("convert", "prolong_nemo.convert.commands", "convert Llama-3 checkpoints between Hugging Face and Megatron"),
+    ("demo", "prolong_nemo.demo", "end-to-end CPU demo: data, 64K-recipe training, SFT, conversion"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prolong-nemo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module_name, help_text in COMMAND_GROUPS:
+        try:
+            module = importlib.util.find_spec(module_name)
+        except ModuleNotFoundError:
+            module = None
+        if module is None:
+            continue
+        # Register lazily: the group's module is imported only when its command runs.
+        group = sub.add_parser(name, help=help_text, add_help=False)
+        group.set_defaults(_group_module=module_name, command=name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    top, _ = parser.parse_known_args(argv[:1])
+    module = importlib.import_module(top._group_module)
+    group_parser = argparse.ArgumentParser(prog=f"prolong-nemo {top.command}")
+    module.configure_parser(group_parser)
+    args = group_parser.parse_args(argv[1:])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
