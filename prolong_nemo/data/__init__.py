@@ -1,0 +1,1 @@
+"""ProLong data: MDS shards -> packed THD rows for Megatron (see docs/batch-contract.md)."""
