@@ -1,0 +1,139 @@
+"""One ProLong sample -> one packed THD training row (docs/batch-contract.md).
+
+Targets follow the reference exactly (prolong-recipe.md section 4): inside each document segment
+every token predicts the next token of the same document, segments of at most one token are
+dropped (they carry no target and attend to nothing else), and with an instruction ``mask`` only
+tokens whose *target* is an assistant token count. For context parallelism every segment is
+padded at its tail to a multiple of ``2 * cp_size`` so TE's ``thd_get_partitioned_indices``
+gives each rank whole, load-balanced chunks; padding is never a target.
+
+Everything here is vectorized numpy over the whole row: a per-document Python loop is the
+reference the tests and ``bench/bench_data.py`` compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+PAD_TOKEN_ID = 0  # any valid id: padding never becomes a target and nothing attends to it
+
+
+@dataclass(frozen=True)
+class PackingConfig:
+    """How samples become rows. ``cp_size``/``tp_size``/``sequence_parallel`` come from the run."""
+
+    cp_size: int = 1
+    tp_size: int = 1
+    sequence_parallel: bool = False
+    document_masking: bool = True  # False: one segment per sample (ProLong's ablation)
+
+    def __post_init__(self) -> None:
+        for name in ("cp_size", "tp_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def segment_multiple(self) -> int:
+        """Every padded segment length is a multiple of this (TE's THD CP partition: 2 * cp)."""
+        return 2 * self.cp_size if self.cp_size > 1 else 1
+
+    @property
+    def row_multiple(self) -> int:
+        """The row length is a multiple of this (segments, and T / cp divisible by TP under SP)."""
+        sp = self.tp_size if self.sequence_parallel else 1
+        return math.lcm(self.segment_multiple, self.cp_size * sp)
+
+
+def document_segments(length: int, indices: np.ndarray | None, document_masking: bool) -> tuple[np.ndarray, np.ndarray]:
+    """[start, end) of every trainable segment: the documents, or the whole sample.
+
+    Segments of length <= 1 are dropped, as in the reference: they hold no target. Tokens that
+    no segment covers are not part of the row (the reference never feeds them either).
+    """
+    if indices is None or len(indices) == 0 or not document_masking:
+        starts = np.zeros(1, dtype=np.int64)
+        ends = np.full(1, length, dtype=np.int64)
+    else:
+        starts = indices[:, 0].astype(np.int64)
+        ends = indices[:, 1].astype(np.int64)
+    keep = ends - starts > 1
+    return starts[keep], ends[keep]
+
+
+def padded_lengths(lengths: np.ndarray, config: PackingConfig) -> np.ndarray:
+    """Tail-pad each segment to the CP multiple; the last one also absorbs the row multiple."""
+    m = config.segment_multiple
+    padded = -(-lengths // m) * m
+    if len(padded):
+        total = int(padded.sum())
+        padded[-1] += -total % config.row_multiple
+    return padded
+
+
+def build_row(
+    input_ids: np.ndarray,
+    indices: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    config: PackingConfig = PackingConfig(),
+) -> dict[str, np.ndarray]:
+    """Turn one validated sample into the row arrays of docs/batch-contract.md (no batch axis)."""
+    starts, ends = document_segments(len(input_ids), indices, config.document_masking)
+    lengths = ends - starts
+    padded = padded_lengths(lengths, config)
+    row_length = int(padded.sum())
+    cu_padded = np.zeros(len(padded) + 1, dtype=np.int64)
+    np.cumsum(padded, out=cu_padded[1:])
+    cu_real = np.concatenate([[0], np.cumsum(lengths)])
+
+    # For every real token: where it comes from (src) and where it goes in the row (dst).
+    n_real = int(cu_real[-1])
+    within = np.arange(n_real, dtype=np.int64) - np.repeat(cu_real[:-1], lengths)
+    src = np.repeat(starts, lengths) + within
+    dst = np.repeat(cu_padded[:-1], lengths) + within
+    is_last = within == np.repeat(lengths - 1, lengths)
+    nxt = np.where(is_last, src, src + 1)  # the next token of the same document
+
+    tokens = np.full(row_length, PAD_TOKEN_ID, dtype=np.int64)
+    labels = np.zeros(row_length, dtype=np.int64)
+    loss_mask = np.zeros(row_length, dtype=np.float32)
+    tokens[dst] = input_ids[src]
+    labels[dst] = np.where(is_last, 0, input_ids[nxt])
+    weight = ~is_last if mask is None else (~is_last) & (mask[nxt] != 0)
+    loss_mask[dst] = weight
+    labels[loss_mask == 0] = 0
+    position_ids = np.arange(row_length, dtype=np.int64) - np.repeat(cu_padded[:-1], padded)
+    return packed_metadata(tokens, labels, loss_mask, position_ids, cu_padded, cu_real, padded)
+
+
+def packed_metadata(tokens, labels, loss_mask, position_ids, cu_padded, cu_real, padded) -> dict[str, np.ndarray]:
+    """The row plus the packed-sequence keys of Megatron-Bridge 0.6 and the legacy 0.5 ones.
+
+    TE's convention: ``cu_seqlens_*_padded`` are offsets in the row, the unpadded
+    ``cu_seqlens`` are cumulative REAL lengths (segment i's real tokens start at its padded offset).
+    """
+    cu = cu_padded.astype(np.int32)
+    max_seqlen = np.array([int(padded.max()) if len(padded) else 0], dtype=np.int32)
+    n_bounds = np.array([len(cu)], dtype=np.int64)
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": position_ids,
+        # Bridge 0.6: real == padded boundaries (padding inside each segment's tail, masked by
+        # loss_mask) keeps both FlashAttention and cuDNN eligible.
+        "cu_seqlens_q": cu,
+        "cu_seqlens_kv": cu,
+        "cu_seqlens_q_padded": cu,
+        "cu_seqlens_kv_padded": cu,
+        "max_seqlen_q": max_seqlen,
+        "max_seqlen_kv": max_seqlen,
+        # Bridge 0.5 legacy keys (micro-batch size 1, so no -1 fill is needed).
+        "cu_seqlens": cu,
+        "cu_seqlens_argmin": n_bounds,
+        "max_seqlen": max_seqlen,
+        "cu_seqlens_unpadded": cu_real.astype(np.int32),
+        "cu_seqlens_unpadded_argmin": n_bounds,
+    }
