@@ -105,15 +105,11 @@ def build_row(
     loss_mask[dst] = weight
     labels[loss_mask == 0] = 0
     position_ids = np.arange(row_length, dtype=np.int64) - np.repeat(cu_padded[:-1], padded)
-    return packed_metadata(tokens, labels, loss_mask, position_ids, cu_padded, cu_real, padded)
+    return packed_metadata(tokens, labels, loss_mask, position_ids, cu_padded, padded)
 
 
-def packed_metadata(tokens, labels, loss_mask, position_ids, cu_padded, cu_real, padded) -> dict[str, np.ndarray]:
-    """The row plus the packed-sequence keys of Megatron-Bridge 0.6 and the legacy 0.5 ones.
-
-    TE's convention: ``cu_seqlens_*_padded`` are offsets in the row, the unpadded
-    ``cu_seqlens`` are cumulative REAL lengths (segment i's real tokens start at its padded offset).
-    """
+def packed_metadata(tokens, labels, loss_mask, position_ids, cu_padded, padded) -> dict[str, np.ndarray]:
+    """The row plus the packed-sequence keys of Megatron-Bridge 0.6 and the legacy 0.5 ones."""
     cu = cu_padded.astype(np.int32)
     max_seqlen = np.array([int(padded.max()) if len(padded) else 0], dtype=np.int32)
     n_bounds = np.array([len(cu)], dtype=np.int64)
@@ -130,10 +126,10 @@ def packed_metadata(tokens, labels, loss_mask, position_ids, cu_padded, cu_real,
         "cu_seqlens_kv_padded": cu,
         "max_seqlen_q": max_seqlen,
         "max_seqlen_kv": max_seqlen,
-        # Bridge 0.5 legacy keys (micro-batch size 1, so no -1 fill is needed).
+        # Bridge 0.5 legacy keys (micro-batch size 1, so no -1 fill is needed). No
+        # `cu_seqlens_unpadded`: Bridge would then pass real != padded boundaries and leave only
+        # cuDNN eligible; without it both Bridge versions run the same attention.
         "cu_seqlens": cu,
         "cu_seqlens_argmin": n_bounds,
         "max_seqlen": max_seqlen,
-        "cu_seqlens_unpadded": cu_real.astype(np.int32),
-        "cu_seqlens_unpadded_argmin": n_bounds,
     }
