@@ -1,0 +1,240 @@
+"""Read and validate one ProLong MDS domain folder through mosaicml-streaming's shard readers.
+
+We use streaming's own ``MDSReader`` (index.json parsing, sample decoding) and its
+``CloudDownloader`` (remote object stores into a local cache), but not ``StreamingDataset``:
+Megatron needs plain random access by sample index on every rank, with no shared-memory
+coordination or epoch state of its own. Every sample is validated when read, and any problem is
+an error that names the folder, the shard and the sample: nothing is skipped or trained on silently.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import urllib.parse
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+from streaming.base.format import reader_from_json
+from streaming.base.format.mds.reader import MDSReader
+from streaming.base.storage.download import CloudDownloader
+
+LLAMA3_VOCAB_SIZE = 128256
+INDEX_FILE = "index.json"
+REQUIRED_COLUMNS = ("input_ids",)
+INTEGER_ARRAY = "ndarray:"  # column encodings look like "ndarray:uint32"
+
+
+class DataError(ValueError):
+    """Bad ProLong data; the message names the domain folder, shard and sample."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One validated MDS sample."""
+
+    input_ids: np.ndarray  # 1-D integer token ids
+    indices: np.ndarray | None  # (n_docs, 2) [start, end) or None: one document
+    mask: np.ndarray | None  # 1-D uint8 instruction mask or None
+    domain: str | None
+
+
+def is_remote(path: str) -> bool:
+    return urllib.parse.urlparse(path).scheme not in ("", "file")
+
+
+class MdsDomain:
+    """Random, validated access to the samples of one MDS domain folder (local or remote)."""
+
+    def __init__(self, path: str, *, cache_dir: str | None = None, vocab_size: int = LLAMA3_VOCAB_SIZE,
+                 download_timeout: float = 600.0) -> None:
+        self.path = path.rstrip("/")
+        self.vocab_size = vocab_size
+        self.download_timeout = download_timeout
+        if is_remote(self.path):
+            if not cache_dir:
+                raise DataError(f"{self.path}: a remote domain needs a local cache_dir")
+            self.local = os.path.join(cache_dir, _cache_name(self.path))
+        else:
+            self.local = self.path
+            if not os.path.isdir(self.path):
+                raise DataError(f"{self.path}: domain folder does not exist")
+        self.shards = self._load_shards()
+        self._offsets = np.concatenate([[0], np.cumsum([s.samples for s in self.shards])]).tolist()
+        if self.num_samples == 0:
+            raise DataError(f"{self.path}: domain is empty (index.json lists no samples)")
+
+    # ---- index -----------------------------------------------------------------------------
+    def _load_shards(self) -> list[MDSReader]:
+        index = os.path.join(self.local, INDEX_FILE)
+        self._fetch(INDEX_FILE)
+        if not os.path.isfile(index):
+            hint = " (shards in sub-folders? merge their indexes with streaming.base.util.merge_index)"
+            raise DataError(f"{self.path}: no {INDEX_FILE}{hint if os.path.isdir(self.local) else ''}")
+        try:
+            with open(index) as f:
+                obj = json.load(f)
+            infos = obj["shards"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{index}: invalid MDS index ({e.__class__.__name__}: {e})") from None
+        return [self._reader(info, i) for i, info in enumerate(infos)]
+
+    def _reader(self, info: dict, shard_id: int) -> MDSReader:
+        where = f"{self.path}: shard #{shard_id}"
+        try:
+            reader = reader_from_json(self.local, None, info)
+            where = f"{self.path}/{reader.raw_data.basename}"
+        except Exception as e:  # streaming raises ValueError / KeyError / TypeError on bad entries
+            raise DataError(f"{where}: invalid shard entry in {INDEX_FILE} ({e})") from None
+        if not isinstance(reader, MDSReader):
+            raise DataError(f"{where}: not an MDS shard (format {info.get('format')!r})")
+        if reader.compression:
+            raise DataError(f"{where}: compressed shards ({reader.compression}) are not supported; "
+                            "ProLong data is uncompressed")
+        encodings = dict(zip(reader.column_names, reader.column_encodings))
+        for name in REQUIRED_COLUMNS:
+            if name not in encodings:
+                raise DataError(f"{where}: missing column {name!r} (columns: {sorted(encodings)})")
+        for name in ("input_ids", "indices", "mask"):
+            enc = encodings.get(name)
+            if enc is not None and not _is_integer_array(enc):
+                raise DataError(f"{where}: column {name!r} has encoding {enc!r}; expected an integer ndarray "
+                                "(ndarray:uint32 for input_ids/indices, ndarray:uint8 for mask)")
+        return reader
+
+    @property
+    def num_samples(self) -> int:
+        return self._offsets[-1]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    @cached_property
+    def columns(self) -> set[str]:
+        return set().union(*(s.column_names for s in self.shards))
+
+    def locate(self, idx: int) -> tuple[MDSReader, int]:
+        if not 0 <= idx < self.num_samples:
+            raise IndexError(f"{self.path}: sample {idx} out of range [0, {self.num_samples})")
+        shard_id = bisect.bisect_right(self._offsets, idx) - 1
+        return self.shards[shard_id], idx - self._offsets[shard_id]
+
+    # ---- samples ---------------------------------------------------------------------------
+    def __getitem__(self, idx: int) -> Sample:
+        reader, local_idx = self.locate(int(idx))
+        where = f"{self.path}/{reader.raw_data.basename}: sample {local_idx} (domain sample {idx})"
+        self._fetch(reader.raw_data.basename)
+        try:
+            raw = reader.get_item(local_idx)
+        except Exception as e:
+            raise DataError(f"{where}: cannot decode ({e.__class__.__name__}: {e})") from None
+        return validate_sample(raw, where, self.vocab_size)
+
+    def _fetch(self, relative: str) -> None:
+        """Bring a remote file into the local cache (atomic rename: safe with many ranks)."""
+        if self.local == self.path:
+            return
+        target = os.path.join(self.local, relative)
+        if os.path.isfile(target):
+            return
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp.{os.getpid()}"
+        remote = f"{self.path}/{relative}"
+        try:
+            CloudDownloader.get(remote).download(remote, tmp, self.download_timeout)
+        except Exception as e:
+            raise DataError(f"{remote}: download failed ({e.__class__.__name__}: {e})") from None
+        os.replace(tmp, target)
+
+
+def validate_sample(raw: dict, where: str, vocab_size: int) -> Sample:
+    """Check one decoded sample against the published format; raise DataError naming it."""
+    ids = raw.get("input_ids")
+    if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise DataError(f"{where}: input_ids must be a 1-D integer array, got {_describe(ids)}")
+    n = len(ids)
+    if n == 0:
+        raise DataError(f"{where}: empty sample (no input_ids)")
+    if ids.dtype.kind == "i" and ids.min() < 0 or int(ids.max()) >= vocab_size:
+        bad = int(np.flatnonzero((ids.astype(np.int64) < 0) | (ids.astype(np.int64) >= vocab_size))[0])
+        raise DataError(f"{where}: token id {int(ids[bad])} at position {bad} is outside the vocabulary "
+                        f"[0, {vocab_size})")
+    if "length" in raw and raw["length"] is not None and int(raw["length"]) != n:
+        raise DataError(f"{where}: length {int(raw['length'])} disagrees with len(input_ids) {n}")
+    indices = _validate_indices(raw.get("indices"), n, where)
+    mask = raw.get("mask")
+    if mask is not None:
+        if not isinstance(mask, np.ndarray) or mask.ndim != 1 or mask.dtype.kind not in "iub":
+            raise DataError(f"{where}: mask must be a 1-D integer array, got {_describe(mask)}")
+        if len(mask) != n:
+            raise DataError(f"{where}: mask has {len(mask)} entries but input_ids has {n}")
+    domain = raw.get("domain")
+    return Sample(ids, indices, mask, domain if isinstance(domain, str) else None)
+
+
+def _validate_indices(indices, n: int, where: str) -> np.ndarray | None:
+    if indices is None:
+        return None
+    if not isinstance(indices, np.ndarray) or indices.dtype.kind not in "iu":
+        raise DataError(f"{where}: indices must be an integer array, got {_describe(indices)}")
+    if indices.size == 0:
+        return None
+    if indices.ndim != 2 or indices.shape[1] != 2:
+        raise DataError(f"{where}: indices must have shape (n_docs, 2), got {indices.shape}")
+    idx = indices.astype(np.int64)
+    starts, ends = idx[:, 0], idx[:, 1]
+    bad = np.flatnonzero((starts < 0) | (ends > n) | (starts > ends))
+    if len(bad):
+        a, b = idx[bad[0]]
+        raise DataError(f"{where}: document {bad[0]} [{a}, {b}) is out of range for {n} tokens")
+    bad = np.flatnonzero(starts[1:] < ends[:-1])
+    if len(bad):
+        i = int(bad[0]) + 1
+        raise DataError(f"{where}: documents {i - 1} and {i} are unsorted or overlap "
+                        f"([{starts[i - 1]}, {ends[i - 1]}) then [{starts[i]}, {ends[i]}))")
+    return idx
+
+
+def _is_integer_array(encoding: str) -> bool:
+    if encoding == "ndarray":  # dtype stored per sample: checked when the sample is read
+        return True
+    if not encoding.startswith(INTEGER_ARRAY):
+        return False
+    dtype = encoding[len(INTEGER_ARRAY):].split(":")[0]
+    try:
+        return np.dtype(dtype).kind in "iu"
+    except TypeError:
+        return False
+
+
+def _describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"array of {value.dtype} with shape {value.shape}"
+    return type(value).__name__
+
+
+def _cache_name(remote: str) -> str:
+    parsed = urllib.parse.urlparse(remote)
+    return os.path.join(parsed.scheme, parsed.netloc, parsed.path.lstrip("/"))
+
+
+# The published ProLong packed format (prolong-recipe.md section 3).
+PACKED_COLUMNS = {"input_ids": "ndarray:uint32", "indices": "ndarray:uint32", "length": "int", "domain": "str"}
+MASK_COLUMN = {"mask": "ndarray:uint8"}
+SHARD_SIZE_LIMIT = 1 << 26  # 64 MiB, as in the published shards
+
+
+def write_domain(folder: str, samples, *, with_mask: bool = False, columns: dict[str, str] | None = None,
+                 size_limit: int = SHARD_SIZE_LIMIT) -> int:
+    """Write samples (dicts of the packed columns) as one MDS domain folder; returns the count."""
+    from streaming import MDSWriter
+
+    columns = dict(columns or PACKED_COLUMNS) | (MASK_COLUMN if with_mask else {})
+    count = 0
+    with MDSWriter(out=folder, columns=columns, size_limit=size_limit) as writer:
+        for sample in samples:
+            writer.write(sample)
+            count += 1
+    return count
