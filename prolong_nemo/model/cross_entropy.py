@@ -1,0 +1,116 @@
+"""Memory-efficient LM head + cross-entropy: token chunks with recomputation.
+
+The [tokens x vocab] logits never exist whole: forward keeps only the per-token log-sum-exp;
+backward recomputes each chunk's logits, turns them into the softmax gradient in place and
+accumulates the hidden and weight gradients. At most one [chunk x vocab/tp] fp32 buffer (plus
+the matmul output in the compute dtype) is alive at a time. ProLong uses chunks of 2,048.
+
+Vocabulary parallel: the weight holds rows [vocab_start, vocab_start + V/tp); max,
+sum-of-exp and the target logit are all-reduced over the TP group, exactly as megatron's
+`vocab_parallel_cross_entropy`. The caller routes `hidden` through megatron's TP region
+mapping so the hidden gradient is all-reduced (or reduce-scattered under sequence parallel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+DEFAULT_CHUNK_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """Which vocabulary rows this rank's output weight holds, and the TP group to reduce over."""
+
+    start: int = 0
+    group: dist.ProcessGroup | None = None
+
+    def all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        if self.group is not None and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+
+def _local_targets(labels: Tensor, shard: VocabShard, local_vocab: int) -> tuple[Tensor, Tensor]:
+    local = labels - shard.start
+    valid = (local >= 0) & (local < local_vocab)
+    return local.clamp(0, local_vocab - 1), valid
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor) -> Tensor:
+    return (hidden @ weight.t()).float()
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, shard: VocabShard) -> Tensor:
+        n, local_vocab = hidden.size(0), weight.size(0)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        target = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk):
+            logits = _chunk_logits(hidden[s : s + chunk], weight)
+            idx, valid = _local_targets(labels[s : s + chunk], shard, local_vocab)
+            tgt = logits.gather(1, idx[:, None]).squeeze(1) * valid
+            row_max = shard.all_reduce(logits.max(dim=1).values, dist.ReduceOp.MAX)
+            sum_exp = shard.all_reduce(logits.sub_(row_max[:, None]).exp_().sum(dim=1))
+            lse[s : s + chunk] = sum_exp.log_() + row_max
+            target[s : s + chunk] = shard.all_reduce(tgt)
+            del logits
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk, ctx.shard = chunk, shard
+        return lse - target
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        chunk, shard = ctx.chunk, ctx.shard
+        local_vocab = weight.size(0)
+        grad_hidden = torch.empty_like(hidden)
+        # fp32 accumulation across chunks unless the weight already is fp32.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_loss = grad_loss.float()
+        for s in range(0, hidden.size(0), chunk):
+            h = hidden[s : s + chunk]
+            g = _chunk_logits(h, weight)  # recompute; becomes the logits gradient in place
+            g.sub_(lse[s : s + chunk, None]).exp_()
+            idx, valid = _local_targets(labels[s : s + chunk], shard, local_vocab)
+            rows = torch.arange(g.size(0), device=g.device)
+            g[rows[valid], idx[valid]] -= 1.0
+            g.mul_(grad_loss[s : s + chunk, None])
+            g = g.to(hidden.dtype)
+            torch.matmul(g, weight, out=grad_hidden[s : s + chunk])
+            grad_weight.addmm_(g.t().float(), h.float())
+            del g
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def chunked_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    shard: VocabShard = VocabShard(),
+) -> Tensor:
+    """Per-token loss (fp32, shape of labels) of softmax(hidden @ weight.T) against labels.
+
+    hidden [..., H] and labels [...] with matching leading dims; weight [V_local, H].
+    """
+    if chunk_tokens <= 0:
+        raise ValueError("chunk_tokens must be positive")
+    lead = labels.shape
+    flat_h = hidden.reshape(-1, hidden.size(-1))
+    loss = _ChunkedLinearCrossEntropy.apply(flat_h, weight, labels.reshape(-1), chunk_tokens, shard)
+    return loss.view(lead)
+
+
+def full_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    """Reference: materialize all logits (fp32 copy, as megatron does), then cross-entropy."""
+    logits = (hidden @ weight.t()).float()
+    flat = torch.nn.functional.cross_entropy(
+        logits.view(-1, logits.size(-1)), labels.reshape(-1), reduction="none"
+    )
+    return flat.view(labels.shape)

@@ -1,0 +1,86 @@
+"""Per-token loss: the LM-head output processor and the Megatron loss function.
+
+Both loss paths return the same thing, a per-token fp32 loss [b, s] (local tokens under
+CP), so one loss function serves both:
+- "chunked": `ChunkedLossProcessor`, passed as `GPTModel.forward(output_processor=...)`
+  (megatron-core >= 0.19): LM head + cross-entropy in token chunks, logits never whole.
+- "fused": megatron's own output layer + `compute_language_model_loss` (native fused CE
+  where `cross_entropy_loss_fusion` is on).
+
+`masked_token_loss` returns (sum, token count, report): with `calculate_per_token_loss=True`
+megatron divides the gradients by the token count summed over micro-batches and DP x CP,
+which is the global token mean ProLong's SFT uses.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from prolong_nemo.model.cross_entropy import DEFAULT_CHUNK_TOKENS, VocabShard, chunked_linear_cross_entropy
+
+LossImpl = Literal["chunked", "fused"]
+
+
+def supports_output_processor(model) -> bool:
+    """Whether the installed megatron-core GPTModel.forward has the `output_processor` hook."""
+    core = getattr(model, "module", model)
+    return "output_processor" in inspect.signature(type(core).forward).parameters
+
+
+@dataclass(frozen=True)
+class ChunkedLossProcessor:
+    """`output_processor` for GPTModel: per-token loss [b, s] via chunked LM head + CE."""
+
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+
+    def __call__(self, *, hidden_states: Tensor, output_layer, output_weight, labels, config, **_) -> Tensor:
+        if getattr(config, "use_mup", False):
+            raise ValueError("MuP logit scaling is not supported by the chunked loss")
+        if labels is None:  # no targets (inference): plain logits, [b, s, V]
+            logits, _ = output_layer(hidden_states, weight=output_weight)
+            return logits.transpose(0, 1).contiguous()
+        weight = output_weight if output_weight is not None else output_layer.weight
+        hidden = _enter_vocab_parallel_region(hidden_states, output_layer)
+        group = getattr(output_layer, "tp_group", None)
+        rank = group.rank() if group is not None else 0
+        shard = VocabShard(start=rank * weight.size(0), group=group)
+        loss = chunked_linear_cross_entropy(hidden, weight, labels.transpose(0, 1), self.chunk_tokens, shard)
+        return loss.transpose(0, 1).contiguous()
+
+
+def _enter_vocab_parallel_region(hidden: Tensor, output_layer) -> Tensor:
+    """Same TP mapping as ColumnParallelLinear: identity/all-reduce, or SP all-gather/reduce-scatter."""
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    group = getattr(output_layer, "tp_group", None)
+    if group is None or group.size() == 1:
+        return hidden
+    if getattr(output_layer, "sequence_parallel", False):
+        return gather_from_sequence_parallel_region(hidden, group=group)
+    return copy_to_tensor_model_parallel_region(hidden, group=group)
+
+
+def masked_token_loss(loss_mask: Tensor, output_tensor: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Megatron per-token loss function: (sum of masked losses, token count, report)."""
+    losses = output_tensor.reshape(-1).float()
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().detach().to(torch.int)
+    report = torch.cat([loss_sum.detach().view(1), num_tokens.float().view(1)])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def global_token_mean(reports: list[dict[str, Tensor]], group=None) -> float:
+    """Loss to log: total loss sum / total tokens across micro-batches (and `group`, e.g. DP x CP)."""
+    total = torch.stack([r["lm loss"] for r in reports]).sum(dim=0)
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(total, group=group)
+    return float(total[0] / total[1].clamp(min=1))

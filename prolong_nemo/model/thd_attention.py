@@ -1,0 +1,99 @@
+"""Document-masked causal core attention over packed (THD) rows, without Transformer Engine.
+
+megatron-core's local `DotProductAttention` rejects `PackedSeqParams`. This module is a
+drop-in `core_attention` for the local layer spec: it attends causally inside each
+segment given by cu_seqlens and never across segments. It is the exact CPU reference (and
+works on a CUDA machine without TE: each segment runs through torch's SDPA, which picks
+the flash / memory-efficient kernel there). It has no parameters, so checkpoints are the
+same as with the TE spec.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def segment_bounds(packed_seq_params) -> list[int]:
+    """Segment boundaries as Python ints; padded ones, as TE and megatron's THD RoPE use."""
+    cu = packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        cu = packed_seq_params.cu_seqlens_q
+    return [int(x) for x in cu.tolist()]
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """q [L, nq, d], k/v [L, nkv, d] -> [L, nq, d]: causal GQA attention of one segment."""
+    group = q.size(1) // k.size(1)
+    # Megatron query groups are contiguous blocks of heads: repeat_interleave matches.
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale
+    )
+    return out.transpose(0, 1)
+
+
+def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, bounds: list[int], scale: float) -> Tensor:
+    """THD q [T, nq, d], k/v [T, nkv, d]; attention restricted to [bounds[i], bounds[i+1])."""
+    if bounds[0] != 0 or bounds[-1] != q.size(0):
+        raise ValueError(f"cu_seqlens must run from 0 to T={q.size(0)}, got {bounds[0]}..{bounds[-1]}")
+    out = torch.empty_like(q)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            out[start:end] = causal_attention(q[start:end], k[start:end], v[start:end], scale)
+    return out
+
+
+class ThdDotProductAttention(MegatronModule):
+    """Core attention accepting THD (`PackedSeqParams`) and plain SBHD causal inputs."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallel attention needs Transformer Engine (TE layer spec)")
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"only causal attention is implemented, got {attn_mask_type}")
+        if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
+            raise ValueError("attention dropout is not supported (Llama-3 uses none)")
+        head_dim = config.kv_channels
+        self.scale = softmax_scale or config.softmax_scale or 1.0 / math.sqrt(head_dim)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params=None,
+        **_: object,
+    ) -> Tensor:
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported")
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            # THD: [T, heads, d] -> [T, heads * d]
+            out = packed_causal_attention(query, key, value, segment_bounds(packed_seq_params), self.scale)
+            return out.reshape(out.size(0), -1)
+        if attention_mask is not None:
+            raise ValueError("explicit attention masks are not supported; pass PackedSeqParams")
+        # SBHD: [S, B, heads, d]; every batch row is one causal sequence.
+        s, b = query.shape[:2]
+        rows = [causal_attention(query[:, i], key[:, i], value[:, i], self.scale) for i in range(b)]
+        return torch.stack(rows, dim=1).reshape(s, b, -1)
