@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -379,6 +378,11 @@ class SubsetWriters:
             writer.finish()
         self.writers.clear()
 
+    def cancel(self) -> None:
+        for writer in self.writers.values():
+            writer.cancel_future_jobs()
+        self.writers.clear()
+
 
 def pack_mds(inputs: Sequence[Path], out_dir: Path, options: PackOptions, *,
              overwrite: bool = False, progress: bool = True) -> PackStats:
@@ -390,8 +394,8 @@ def pack_mds(inputs: Sequence[Path], out_dir: Path, options: PackOptions, *,
     from tqdm import tqdm
 
     mds_dirs = [d for p in inputs for d in find_mds_dirs(Path(p))]
-    _prepare_out_dir(Path(out_dir), overwrite)
     with_mask = has_mask_column(mds_dirs)
+    _prepare_out_dir(Path(out_dir), overwrite)
     packer, writers = Packer(options), SubsetWriters(Path(out_dir), with_mask)
     try:
         docs = tqdm(iter_raw_documents(mds_dirs), desc="pack", unit="doc", disable=not progress,
@@ -399,8 +403,12 @@ def pack_mds(inputs: Sequence[Path], out_dir: Path, options: PackOptions, *,
         for doc in docs:
             for subset, sample in packer.add(doc):
                 writers.write(subset, sample)
-    finally:
         writers.close()
+    except BaseException:
+        # Never leave a partial dataset with a valid-looking index.json behind.
+        writers.cancel()
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return packer.finish()
 
 
@@ -443,7 +451,7 @@ def options_from_args(args: argparse.Namespace) -> PackOptions:
     eos = args.eos_id if args.eos_id is not None else eos
     mos = {"bos": bos, "eos": eos, None: None}[args.use_for_mos]
     if args.use_for_mos and mos is None:
-        sys.exit(f"--use-for-mos {args.use_for_mos} needs a {args.use_for_mos} id (-T or --{args.use_for_mos}-id)")
+        raise SystemExit(f"--use-for-mos {args.use_for_mos} needs a {args.use_for_mos} id (-T or --{args.use_for_mos}-id)")
     return PackOptions(pack_length=args.pack_length, min_length=args.min_length,
                        split_lengths=tuple(args.split_lengths), bos_id=bos, eos_id=eos, mos_id=mos,
                        split_by_domain=args.split_by_domain, domain=args.domain)
@@ -452,8 +460,12 @@ def options_from_args(args: argparse.Namespace) -> PackOptions:
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     start = time.perf_counter()
-    stats = pack_mds(args.inputs, args.output, options, overwrite=args.overwrite,
-                     progress=not args.no_progress)
+    try:
+        stats = pack_mds(args.inputs, args.output, options, overwrite=args.overwrite,
+                         progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}")
+        return 2
     seconds = time.perf_counter() - start
     print(stats.report())
     print(f"packed {stats.tokens_in} tokens in {seconds:.1f}s "

@@ -274,8 +274,12 @@ def tokenize_files(inputs: Sequence[Path], out_dir: Path, opts: TokenizeOptions 
             _write(writer, doc, stats)
             bar.update(len(doc.input_ids))
         bar.close()
-    finally:
         writer.finish()
+    except BaseException:
+        # Never leave a partial dataset with a valid-looking index.json behind.
+        writer.cancel_future_jobs()
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return stats
 
 
