@@ -73,6 +73,14 @@ def padded_lengths(lengths: np.ndarray, config: PackingConfig) -> np.ndarray:
     return padded
 
 
+def padding_overhead(document_lengths: np.ndarray, config: PackingConfig) -> float:
+    """Padding tokens per real token for one sample's documents (what CP padding costs)."""
+    lengths = np.asarray(document_lengths, dtype=np.int64)
+    lengths = lengths[lengths > 1]
+    real = int(lengths.sum())
+    return (int(padded_lengths(lengths, config).sum()) - real) / real if real else 0.0
+
+
 def build_row(
     input_ids: np.ndarray,
     indices: np.ndarray | None = None,
