@@ -1,0 +1,344 @@
+"""Typed recipe configuration: what a ProLong stage is, independent of how it is launched.
+
+The YAML files in `recipes/` are the readable form; `RecipeConfig.from_dict` turns a composed
+Hydra config into these dataclasses and `validate()` refuses anything inconsistent. No torch,
+megatron or Bridge import here: `plan`, `launch` and tests read recipes anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from prolong_nemo.model.config import LlamaArch, preset
+
+Stage = Literal["64k", "512k", "sft"]
+InitMode = Literal["none", "weights", "weights_and_optimizer"]
+STAGES: tuple[str, ...] = ("64k", "512k", "sft")
+INIT_MODES: tuple[str, ...] = ("none", "weights", "weights_and_optimizer")
+LOSS_IMPLS: tuple[str, ...] = ("chunked", "fused", "plain")
+RECOMPUTE: tuple[str, ...] = ("full", "selective", "none")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "llama3-8b"
+    rope_theta: float = 500_000.0
+
+    def arch(self) -> LlamaArch:
+        return preset(self.preset, rope_theta=float(self.rope_theta))
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    path: str
+    proportion: float
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str
+    mixture: tuple[DomainConfig, ...]
+    sequence_length: int
+    document_masking: bool = True
+    instruction_masks: bool = False
+    seed: int = 42
+    num_workers: int = 2
+    cache_dir: str | None = None
+
+    def domain_paths(self) -> list[tuple[str, float]]:
+        """(absolute-or-remote path, proportion) per domain, relative paths joined to `root`."""
+        out = []
+        for d in self.mixture:
+            remote = "://" in d.path
+            path = d.path if (remote or os.path.isabs(d.path)) else os.path.join(self.root, d.path)
+            out.append((path, float(d.proportion)))
+        return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    global_batch_size: int
+    micro_batch_size: int = 1
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    warmup_fraction: float
+    min_lr_ratio: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+
+    @property
+    def min_lr(self) -> float:
+        return self.lr * self.min_lr_ratio
+
+    def warmup_steps(self, steps: int) -> int:
+        # Hugging Face rounds warmup up (ceil(250 * 0.05) = 13 in the SFT reference).
+        return math.ceil(steps * self.warmup_fraction - 1e-9)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    per_token: bool = True
+    impl: str = "chunked"
+    chunk_tokens: int = 2048
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    grad_reduce_in_fp32: bool = True
+    recompute: str = "full"
+    recompute_num_layers: int = 1
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tp * self.pp * self.cp
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str
+    save_interval: int = 125
+    init_from: str | None = None
+    init: str = "none"
+    format: str = "torch_dist"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    account: str | None = None
+    partition: str | None = None
+    time: str = "04:00:00"
+    job_name_prefix: str = "prolong-"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0
+    gpu_arch: str = "hopper"
+    container_image: str = "nvcr.io/nvidia/nemo:26.06"
+    mounts: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    name: str
+    stage: str
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    optim: OptimConfig
+    loss: LossConfig
+    parallel: ParallelConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    cluster: ClusterConfig
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def arch(self) -> LlamaArch:
+        return self.model.arch()
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.cluster.world_size // self.parallel.model_parallel
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.optim.warmup_steps(self.train.steps)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.data.sequence_length
+
+    @property
+    def total_tokens(self) -> int:
+        return self.tokens_per_step * self.train.steps
+
+    @property
+    def grad_accumulation(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * max(self.data_parallel_size, 1))
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "RecipeConfig":
+        """From a plain (resolved) mapping, e.g. `OmegaConf.to_container(cfg, resolve=True)`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise RecipeError(f"unknown recipe sections {unknown}; known: {sorted(known)}")
+        try:
+            data = dict(raw["data"])
+            data["mixture"] = tuple(DomainConfig(**d) for d in data["mixture"])
+            cluster = dict(raw.get("cluster") or {})
+            cluster["mounts"] = tuple(cluster.get("mounts") or ())
+            cluster["env"] = dict(cluster.get("env") or {})
+            cluster["slurm"] = SlurmConfig(**(cluster.get("slurm") or {}))
+            return cls(
+                name=str(raw["name"]),
+                stage=str(raw["stage"]),
+                model=ModelConfig(**raw["model"]),
+                data=DataConfig(**data),
+                train=TrainConfig(**raw["train"]),
+                optim=OptimConfig(**raw["optim"]),
+                loss=LossConfig(**(raw.get("loss") or {})),
+                parallel=ParallelConfig(**(raw.get("parallel") or {})),
+                checkpoint=CheckpointConfig(**raw["checkpoint"]),
+                logging=LoggingConfig(**(raw.get("logging") or {})),
+                cluster=ClusterConfig(**cluster),
+            )
+        except TypeError as e:  # an unknown or missing key inside a section
+            raise RecipeError(f"invalid recipe: {e}") from None
+        except KeyError as e:
+            raise RecipeError(f"recipe is missing {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["data"]["mixture"] = [dict(d) for d in out["data"]["mixture"]]
+        out["cluster"]["mounts"] = list(out["cluster"]["mounts"])
+        out["cluster"]["env"] = dict(out["cluster"]["env"])
+        return out
+
+    def replace(self, **sections: Any) -> "RecipeConfig":
+        return dataclasses.replace(self, **sections)
+
+    # ---- validation ---------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Every reason this recipe cannot run as configured (empty when it is valid)."""
+        p: list[str] = []
+        if self.stage not in STAGES:
+            p.append(f"stage must be one of {STAGES}, got {self.stage!r}")
+        try:
+            arch = self.arch
+        except ValueError as e:
+            return p + [str(e)]
+
+        d, t, o, par, ck = self.data, self.train, self.optim, self.parallel, self.checkpoint
+        if d.sequence_length <= 0:
+            p.append(f"data.sequence_length must be positive, got {d.sequence_length}")
+        if not d.mixture:
+            p.append("data.mixture is empty")
+        props = [m.proportion for m in d.mixture]
+        if any(not math.isfinite(x) or x < 0 for x in props):
+            p.append(f"data.mixture proportions must be finite and >= 0, got {props}")
+        elif d.mixture and abs(sum(props) - 1.0) > 1e-6:
+            p.append(f"data.mixture proportions sum to {sum(props):.6f}, not 1")
+        names = [m.path for m in d.mixture]
+        if len(set(names)) != len(names):
+            p.append("data.mixture lists a domain twice")
+        if self.stage == "sft" and not d.instruction_masks:
+            p.append("SFT trains on assistant tokens only: data.instruction_masks must be true")
+
+        if t.steps <= 0:
+            p.append(f"train.steps must be positive, got {t.steps}")
+        if t.micro_batch_size != 1:
+            p.append(f"train.micro_batch_size must be 1 (one packed THD sequence per GPU), got {t.micro_batch_size}")
+        if t.global_batch_size <= 0:
+            p.append(f"train.global_batch_size must be positive, got {t.global_batch_size}")
+
+        if not (o.lr > 0):
+            p.append(f"optim.lr must be positive, got {o.lr}")
+        if not (0 <= o.min_lr_ratio <= 1):
+            p.append(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+        if not (0 <= o.warmup_fraction < 1):
+            p.append(f"optim.warmup_fraction must be in [0, 1), got {o.warmup_fraction}")
+        elif t.steps > 0 and self.warmup_steps >= t.steps:
+            p.append(f"warmup ({self.warmup_steps} steps) must be shorter than training ({t.steps} steps)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not (0 <= getattr(o, name) < 1):
+                p.append(f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
+        if o.weight_decay < 0 or o.clip_grad <= 0 or o.adam_eps <= 0:
+            p.append("optim.weight_decay must be >= 0, optim.clip_grad and optim.adam_eps > 0")
+
+        if self.loss.impl not in LOSS_IMPLS:
+            p.append(f"loss.impl must be one of {LOSS_IMPLS}, got {self.loss.impl!r}")
+        if self.loss.chunk_tokens <= 0:
+            p.append(f"loss.chunk_tokens must be positive, got {self.loss.chunk_tokens}")
+
+        if min(par.tp, par.pp, par.cp) < 1:
+            p.append(f"parallel sizes must be >= 1, got tp={par.tp} pp={par.pp} cp={par.cp}")
+            return p
+        if par.recompute not in RECOMPUTE:
+            p.append(f"parallel.recompute must be one of {RECOMPUTE}, got {par.recompute!r}")
+        if par.sequence_parallel and par.tp == 1:
+            p.append("parallel.sequence_parallel needs tp > 1")
+        p += divisibility_problems(arch, self.data.sequence_length, par, self.cluster.world_size,
+                                   t.global_batch_size, t.micro_batch_size)
+
+        if ck.init not in INIT_MODES:
+            p.append(f"checkpoint.init must be one of {INIT_MODES}, got {ck.init!r}")
+        elif ck.init != "none" and not ck.init_from:
+            p.append(f"checkpoint.init={ck.init} needs checkpoint.init_from")
+        if ck.save_interval <= 0:
+            p.append(f"checkpoint.save_interval must be positive, got {ck.save_interval}")
+        if ck.init_from and os.path.abspath(ck.init_from) == os.path.abspath(ck.dir):
+            p.append("checkpoint.init_from must differ from checkpoint.dir (the stage's own checkpoints)")
+        return p
+
+    def validate(self) -> "RecipeConfig":
+        problems = self.problems()
+        if problems:
+            raise RecipeError(f"recipe {self.name!r} is invalid:\n  - " + "\n  - ".join(problems))
+        return self
+
+
+def divisibility_problems(arch: LlamaArch, seq_length: int, par: ParallelConfig, world_size: int,
+                          global_batch_size: int, micro_batch_size: int = 1) -> list[str]:
+    """The layout constraints of Megatron-Core + TE's THD context parallelism."""
+    p: list[str] = []
+    if arch.num_attention_heads % par.tp:
+        p.append(f"attention heads ({arch.num_attention_heads}) not divisible by tp={par.tp}")
+    if arch.num_query_groups % par.tp:
+        p.append(f"KV groups ({arch.num_query_groups}) not divisible by tp={par.tp}")
+    if arch.num_layers % par.pp:
+        p.append(f"layers ({arch.num_layers}) not divisible by pp={par.pp}")
+    if par.cp > 1 and seq_length % (2 * par.cp):
+        p.append(f"sequence length {seq_length} not divisible by 2*cp={2 * par.cp} "
+                 "(TE's load-balanced THD context parallelism splits every sequence into 2*cp chunks)")
+    if par.sequence_parallel and par.tp > 1 and (seq_length // par.cp) % par.tp:
+        p.append(f"sequence length / cp = {seq_length // par.cp} not divisible by tp={par.tp} (sequence parallel)")
+    mp = par.tp * par.pp * par.cp
+    if world_size <= 0:
+        p.append(f"world size must be positive, got {world_size}")
+    elif world_size % mp:
+        p.append(f"world size {world_size} not divisible by tp*pp*cp={mp}")
+    else:
+        dp = world_size // mp
+        if global_batch_size % (micro_batch_size * dp):
+            p.append(f"global batch {global_batch_size} not divisible by micro batch {micro_batch_size} "
+                     f"x data parallel {dp}")
+    return p
