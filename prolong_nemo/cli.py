@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import warnings
+
+from prolong_nemo.errors import UserError
 
 # (command, module that registers it, one-line help)
 COMMAND_GROUPS: tuple[tuple[str, str, str], ...] = (
@@ -39,7 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_optional_backend_warnings() -> None:
+    """TE/Apex are optional here; megatron-core and torch warn about them on every import."""
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|absl).*")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_optional_backend_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
@@ -50,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     group_parser = argparse.ArgumentParser(prog=f"prolong-nemo {top.command}")
     module.configure_parser(group_parser)
     args = group_parser.parse_args(argv[1:])
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:  # bad input: the message names the file and sample; no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

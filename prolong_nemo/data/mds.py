@@ -21,14 +21,12 @@ from streaming.base.format import reader_from_json
 from streaming.base.format.mds.reader import MDSReader
 from streaming.base.storage.download import CloudDownloader
 
+from prolong_nemo.errors import DataError
+
 LLAMA3_VOCAB_SIZE = 128256
 INDEX_FILE = "index.json"
 REQUIRED_COLUMNS = ("input_ids",)
 INTEGER_ARRAY = "ndarray:"  # column encodings look like "ndarray:uint32"
-
-
-class DataError(ValueError):
-    """Bad ProLong data; the message names the domain folder, shard and sample."""
 
 
 @dataclass(frozen=True)
