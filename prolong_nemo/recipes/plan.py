@@ -1,0 +1,356 @@
+"""`prolong-nemo plan <recipe> [overrides]`: check a recipe before anything launches.
+
+Three kinds of checks, each with its reason:
+- layout: sequence length vs CP (2*cp chunks per sequence), TP vs heads and KV groups, SP,
+  PP vs layers, world size and global batch vs the data-parallel size;
+- software: versions the recipe needs (Transformer Engine, cuDNN >= 9.6 for THD + GQA fused
+  attention on Hopper, Megatron-Core, Megatron-Bridge for stage chaining);
+- memory: a per-GPU estimate (bytes are 1e9 per GB) compared with the GPU's memory.
+
+The memory model (bf16 training, Megatron DDP + distributed optimizer):
+  weights     2 B x params held by the GPU (embedding / output layer split over TP, layers
+              over TP and PP; the vocabulary padded to a multiple of 128*tp)
+  gradients   4 B (fp32 grad buffer, `grad_reduce_in_fp32`) or 2 B x the same params
+  optimizer   12 B (fp32 master + Adam m and v) x params, divided by DP x CP when the
+              optimizer is distributed (CP ranks hold the same parameters)
+  activations per Llama layer and packed token (s = sequence / cp), bf16, flash attention:
+              34*s*h bytes / tp with sequence parallelism, s*h*(8 + 26/tp) without (norm and
+              linear inputs are replicated across TP without SP). Full recompute keeps each
+              layer's input (2*s*h, / tp with SP) plus one layer's activations while it is
+              recomputed in the backward pass.
+  logits      [s, V/tp] in bf16 plus the fp32 copy the cross-entropy makes (6 B per entry); the
+              chunked LM head + cross-entropy only holds `chunk_tokens` rows at a time.
+  reserve     4 GB for the CUDA context, NCCL buffers and allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
+
+from prolong_nemo.model.config import LlamaArch
+from prolong_nemo.recipes.config import ParallelConfig, RecipeConfig, RecipeError
+
+GB = 1e9
+RESERVE_BYTES = 4 * GB
+VOCAB_DIVISIBLE_BY = 128  # Megatron's make_vocab_size_divisible_by (times tp)
+
+# Minimum versions. cuDNN 9.6 is the first with fused attention for THD + GQA on Hopper.
+MIN_CUDNN = (9, 6, 0)
+MIN_TE = (2, 14)          # NGC 26.04
+MIN_MCORE = (0, 17)       # Python 3.12 line; packed THD + CP
+MIN_MCORE_CHUNKED = (0, 19)  # GPTModel.forward(output_processor=...) for the chunked LM head
+MIN_BRIDGE = (0, 4)       # NGC 26.04
+MIN_BRIDGE_CHAIN = (0, 5)  # the on_data_init_start callback event (stage chaining)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts
+# ---------------------------------------------------------------------------------------------
+def padded_vocab(vocab_size: int, tp: int) -> int:
+    multiple = VOCAB_DIVISIBLE_BY * tp
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def layer_params(arch: LlamaArch) -> int:
+    h, d, g, f = arch.hidden_size, arch.head_dim, arch.num_query_groups, arch.ffn_hidden_size
+    qkv = h * (arch.num_attention_heads * d + 2 * g * d)
+    proj = arch.num_attention_heads * d * h
+    mlp = 3 * h * f  # gate, up, down
+    norms = 2 * h
+    return qkv + proj + mlp + norms
+
+
+def total_params(arch: LlamaArch) -> int:
+    """Parameters of the model (unpadded vocabulary): 8,030,261,248 for Llama-3-8B."""
+    emb = arch.vocab_size * arch.hidden_size
+    out = 0 if arch.tie_word_embeddings else emb
+    return emb + out + arch.num_layers * layer_params(arch) + arch.hidden_size
+
+
+def params_per_gpu(arch: LlamaArch, par: ParallelConfig) -> int:
+    """Parameters held by the most loaded GPU (first or last pipeline stage)."""
+    h, tp = arch.hidden_size, par.tp
+    norms = 2 * h
+    per_layer = (layer_params(arch) - norms) // tp + norms  # norms are replicated across TP
+    layers = (arch.num_layers // par.pp) * per_layer
+    emb = padded_vocab(arch.vocab_size, tp) * h // tp
+    if par.pp == 1:
+        return layers + emb + (0 if arch.tie_word_embeddings else emb) + h
+    first = layers + emb
+    last = layers + h + emb  # the output layer (a copy of the embedding when tied) + final norm
+    return max(first, last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-GPU bytes. `logits` is what the configured loss uses; both variants are reported."""
+
+    params: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    logits_unchunked: float
+    logits_chunked: float
+    reserve: float = RESERVE_BYTES
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.reserve
+
+    def rows(self) -> list[tuple[str, float]]:
+        return [("weights (bf16)", self.weights), ("gradients", self.gradients),
+                ("optimizer (fp32 master + Adam)", self.optimizer), ("activations", self.activations),
+                ("logits + cross-entropy", self.logits), ("reserve (context, NCCL, fragmentation)", self.reserve),
+                ("total", self.total)]
+
+
+def layer_activation_bytes(arch: LlamaArch, tokens: int, tp: int, sequence_parallel: bool) -> float:
+    """One decoder layer's saved activations for `tokens` local tokens (bf16, flash attention)."""
+    h = arch.hidden_size
+    g_ratio = arch.num_query_groups / arch.num_attention_heads
+    f_ratio = arch.ffn_hidden_size / h
+    # bytes per token / h: replicated without SP: two norm inputs + qkv and fc1 inputs (2 B each)
+    replicated = 8.0
+    # split over TP: q (2), k and v (2 * 2 * groups/heads), attention output (2),
+    # fc1 output [2f] (4f/h) and the SwiGLU output [f] (2f/h)
+    split = 2 + 4 * g_ratio + 2 + 6 * f_ratio
+    if sequence_parallel and tp > 1:
+        return tokens * h * (replicated + split) / tp
+    return tokens * h * (replicated + split / tp)
+
+
+def estimate_memory(arch: LlamaArch, par: ParallelConfig, seq_length: int, dp: int, *,
+                    loss_impl: str = "chunked", chunk_tokens: int = 2048) -> MemoryEstimate:
+    p = params_per_gpu(arch, par)
+    weights = 2.0 * p
+    gradients = (4.0 if par.grad_reduce_in_fp32 else 2.0) * p
+    optimizer = 12.0 * p / ((dp * par.cp) if par.distributed_optimizer else 1)
+
+    tokens = seq_length // par.cp  # micro-batch of one packed sequence
+    h = arch.hidden_size
+    layers = arch.num_layers // par.pp
+    one_layer = layer_activation_bytes(arch, tokens, par.tp, par.sequence_parallel)
+    if par.recompute == "full":
+        layer_input = 2.0 * tokens * h / (par.tp if par.sequence_parallel and par.tp > 1 else 1)
+        per_layers = max(1, math.ceil(par.recompute_num_layers))
+        activations = layers / per_layers * layer_input + per_layers * one_layer
+    else:  # selective recompute saves little with flash attention: count it as none
+        activations = layers * one_layer
+
+    vocab_local = padded_vocab(arch.vocab_size, par.tp) // par.tp
+    unchunked = 6.0 * tokens * vocab_local
+    chunked = 6.0 * min(chunk_tokens, tokens) * vocab_local
+    logits = chunked if loss_impl == "chunked" else unchunked
+    return MemoryEstimate(params=p, weights=weights, gradients=gradients, optimizer=optimizer,
+                          activations=activations, logits=logits, logits_unchunked=unchunked,
+                          logits_chunked=chunked)
+
+
+def recipe_memory(recipe: RecipeConfig) -> MemoryEstimate:
+    return estimate_memory(recipe.arch, recipe.parallel, recipe.data.sequence_length,
+                           max(recipe.data_parallel_size, 1), loss_impl=recipe.loss.impl,
+                           chunk_tokens=recipe.loss.chunk_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Software versions
+# ---------------------------------------------------------------------------------------------
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    parts = []
+    for piece in str(text).replace("+", ".").replace("-", ".").split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits or not piece[0].isdigit():
+            break
+        parts.append(int(digits))
+    return tuple(parts) or None
+
+
+def cudnn_version_tuple(number: int | None) -> tuple[int, int, int] | None:
+    """torch.backends.cudnn.version(): 90600 -> (9, 6, 0) (cuDNN >= 9 encodes major*10000)."""
+    if not number:
+        return None
+    if number >= 10000:
+        return number // 10000, (number % 10000) // 100, number % 100
+    return number // 1000, (number % 1000) // 100, number % 100  # cuDNN 8: major*1000
+
+
+def _dist_version(*names: str) -> str | None:
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def detect_environment() -> dict[str, object]:
+    """Installed versions, read from package metadata (nothing heavy is imported)."""
+    env: dict[str, object] = {
+        "megatron-core": _dist_version("megatron-core", "megatron_core"),
+        "megatron-bridge": _dist_version("megatron-bridge", "megatron_bridge"),
+        "transformer-engine": _dist_version("transformer_engine", "transformer-engine",
+                                            "transformer-engine-cu12", "transformer-engine-cu13"),
+        "torch": _dist_version("torch"),
+        "cudnn": None,
+        "gpu": None,
+    }
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            env["cudnn"] = ".".join(map(str, cudnn_version_tuple(torch.backends.cudnn.version()) or ())) or None
+            major, minor = torch.cuda.get_device_capability()
+            env["gpu"] = f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+    except Exception:  # no CUDA runtime: a login node or CPU machine
+        pass
+    return env
+
+
+@dataclass(frozen=True)
+class Requirement:
+    name: str
+    minimum: tuple[int, ...]
+    why: str
+
+
+def requirements(recipe: RecipeConfig) -> list[Requirement]:
+    if recipe.cluster.gpu_memory_gb <= 0:  # a CPU recipe: the CPU runner needs megatron-core only
+        return [Requirement("megatron-core", MIN_MCORE, "packed THD sequences on the CPU runner")]
+    reqs = [
+        Requirement("megatron-core", MIN_MCORE_CHUNKED if recipe.loss.impl == "chunked" else MIN_MCORE,
+                    "GPTModel output_processor hook for the chunked LM head"
+                    if recipe.loss.impl == "chunked" else "packed THD sequences"),
+        Requirement("transformer-engine", MIN_TE, "fused THD attention and context parallelism"),
+        Requirement("megatron-bridge", MIN_BRIDGE_CHAIN if recipe.checkpoint.init == "weights_and_optimizer"
+                    else MIN_BRIDGE,
+                    "on_data_init_start callback to restart the schedule after loading the previous stage"
+                    if recipe.checkpoint.init == "weights_and_optimizer" else "pretrain() entry"),
+    ]
+    arch = recipe.arch
+    if recipe.cluster.gpu_arch == "hopper" and arch.num_query_groups < arch.num_attention_heads:
+        reqs.append(Requirement("cudnn", MIN_CUDNN, "cuDNN fused attention with THD + GQA on Hopper"))
+    return reqs
+
+
+def version_checks(recipe: RecipeConfig, env: Mapping[str, object], strict: bool) -> tuple[list[str], list[str]]:
+    """(errors, warnings). Missing packages are errors only with `strict` (on the training nodes)."""
+    errors, warnings = [], []
+    for req in requirements(recipe):
+        have = parse_version(env.get(req.name))  # type: ignore[arg-type]
+        need = ".".join(map(str, req.minimum))
+        if have is None:
+            msg = f"{req.name} >= {need} needed ({req.why}); not found here"
+            (errors if strict else warnings).append(msg + ("" if strict else ": check it in the container"))
+        elif have < req.minimum:
+            errors.append(f"{req.name} {env.get(req.name)} is older than {need} ({req.why})")
+    return errors, warnings
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    recipe: RecipeConfig
+    memory: MemoryEstimate | None
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    environment: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def report(self) -> str:
+        r, par = self.recipe, self.recipe.parallel
+        lines = [
+            f"recipe {r.name} (stage {r.stage}): {r.arch.num_layers} layers, hidden {r.arch.hidden_size}, "
+            f"rope_theta {r.arch.rope_theta:g}",
+            f"  cluster      {r.cluster.nodes} node(s) x {r.cluster.gpus_per_node} GPU(s), "
+            f"{r.cluster.gpu_memory_gb:g} GB each",
+            f"  layout       tp={par.tp} pp={par.pp} cp={par.cp} dp={r.data_parallel_size} "
+            f"sp={'on' if par.sequence_parallel else 'off'} recompute={par.recompute} "
+            f"distributed_optimizer={'on' if par.distributed_optimizer else 'off'}",
+            f"  batch        {r.train.global_batch_size} x {r.data.sequence_length:,} tokens = "
+            f"{r.tokens_per_step:,} tokens/step, {r.grad_accumulation} micro-batches per GPU per step",
+            f"  schedule     {r.train.steps} steps ({r.total_tokens / 1e9:.2f}B tokens), LR {r.optim.lr:g} -> "
+            f"{r.optim.min_lr:g} cosine, warmup {r.warmup_steps}",
+        ]
+        if self.memory is not None:
+            m = self.memory
+            lines.append(f"  memory per GPU ({m.params / 1e9:.3f}B parameters on the most loaded GPU):")
+            lines += [f"    {name:<40} {value / GB:8.2f} GB" for name, value in m.rows()]
+            lines.append(f"    (logits without chunking {m.logits_unchunked / GB:.2f} GB, "
+                         f"chunked {m.logits_chunked / GB:.2f} GB)")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        for e in self.errors:
+            lines.append(f"  REFUSED: {e}")
+        lines.append("  plan OK" if self.ok else "  plan REFUSED")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe.name, "ok": self.ok, "errors": self.errors, "warnings": self.warnings,
+                "memory_gb": None if self.memory is None else
+                {k: (v / GB if isinstance(v, float) else v) for k, v in asdict(self.memory).items()}
+                | {"total": self.memory.total / GB},
+                "environment": self.environment}
+
+
+def make_plan(recipe: RecipeConfig, *, env: Mapping[str, object] | None = None, strict_env: bool = False) -> Plan:
+    env = dict(detect_environment() if env is None else env)
+    plan = Plan(recipe=recipe, memory=None, environment=env)
+    plan.errors += recipe.problems()
+    if plan.errors:
+        return plan  # an inconsistent layout has no meaningful memory estimate
+    plan.memory = recipe_memory(recipe)
+    capacity = recipe.cluster.gpu_memory_gb * GB
+    if capacity > 0 and plan.memory.total > capacity:
+        plan.errors.append(
+            f"estimated {plan.memory.total / GB:.1f} GB per GPU exceeds {recipe.cluster.gpu_memory_gb:g} GB: "
+            "raise tp or cp, enable sequence parallelism, the distributed optimizer, full recompute "
+            "or the chunked loss")
+    errors, warnings = version_checks(recipe, env, strict_env)
+    plan.errors += errors
+    plan.warnings += warnings
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Check a recipe's layout, software versions and per-GPU memory before launching."
+    parser.add_argument("recipe", help="recipe name in recipes/ (stage_64k, stage_512k, sft, *_cpu) or a YAML path")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. parallel.cp=8 optim.lr=1e-5")
+    parser.add_argument("--strict-env", action="store_true",
+                        help="treat missing TE / cuDNN / Bridge as errors (run this on the training nodes)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from prolong_nemo.recipes.stages import load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides, validate=False)
+    except RecipeError as e:
+        print(f"plan REFUSED: {e}", file=sys.stderr)
+        return 2
+    plan = make_plan(recipe, strict_env=args.strict_env)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.report())
+    return 0 if plan.ok else 1
