@@ -1,0 +1,171 @@
+"""The Megatron-Bridge checkpoint layout around a torch_dist folder, and the recorded config.
+
+    <root>/latest_checkpointed_iteration.txt   "0" (or "release")
+    <root>/iter_0000000/                       torch_dist folder (dcp_io)
+    <root>/iter_0000000/run_config.yaml        Bridge's run config: `model:` + `checkpoint:`
+                                               sections, plus our `prolong:` section
+    <root>/iter_0000000/tokenizer/             tokenizer files, when known
+
+Bridge reads `model.tensor_model_parallel_size` / `pipeline_model_parallel_size` and
+`checkpoint.save_optim` / `save_rng` / `fully_parallel_save` when loading a
+`pretrained_checkpoint`; `prolong.arch` is the exact LlamaArch (rope_theta and
+max_position_embeddings of THIS checkpoint) that the HF export writes back out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prolong_nemo.convert.hf_config import HfExtras, normalize_rope_scaling
+from prolong_nemo.convert.mapping import ConversionError
+from prolong_nemo.model.config import LlamaArch
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+RUN_CONFIG_FILE = "run_config.yaml"
+TOKENIZER_DIR = "tokenizer"
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def common_state(iteration: int) -> dict[str, Any]:
+    """What Megatron keeps in the common (non-tensor) state: plain types only."""
+    return {"checkpoint_version": 3.0, "iteration": iteration, "content_metadata": dict(CONTENT_METADATA)}
+
+
+def resolve_iter_dir(path: Path) -> Path:
+    """A checkpoint root (tracker file) or an iteration folder -> the torch_dist folder."""
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        return path
+    tracker = path / TRACKER_FILE
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        name = "release" if text == "release" else iter_dir_name(int(text)) if text.isdigit() else None
+        if name is None:
+            raise ConversionError(f"{tracker}: unexpected content {text!r}")
+        if not (path / name / ".metadata").is_file():
+            raise ConversionError(f"{tracker} points to {name}, which is not a complete torch_dist folder")
+        return path / name
+    iters = sorted(p for p in path.glob("iter_*") if _ITER_RE.match(p.name) and (p / ".metadata").is_file())
+    if iters:
+        return iters[-1]
+    raise ConversionError(f"{path}: neither a Megatron checkpoint root ({TRACKER_FILE}) nor a torch_dist folder")
+
+
+# ---------------------------------------------------------------- run_config.yaml
+
+
+def _bridge_model_section(arch: LlamaArch, seq_length: int) -> dict[str, Any]:
+    scaling = arch.rope_scaling
+    return {
+        "_target_": "megatron.bridge.models.gpt_provider.GPTModelProvider",
+        "num_layers": arch.num_layers,
+        "hidden_size": arch.hidden_size,
+        "ffn_hidden_size": arch.ffn_hidden_size,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_query_groups": arch.num_query_groups,
+        "kv_channels": arch.head_dim,
+        "vocab_size": arch.vocab_size,
+        "seq_length": seq_length,
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": arch.norm_eps,
+        "gated_linear_unit": True,
+        "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
+        "add_bias_linear": False,
+        "add_qkv_bias": False,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "position_embedding_type": "rope",
+        "rotary_base": arch.rope_theta,
+        "rotary_percent": 1.0,
+        "rope_scaling": bool(scaling),
+        "rope_scaling_factor": float(scaling["factor"]) if scaling else 8.0,
+        "share_embeddings_and_output_weights": arch.tie_word_embeddings,
+        "make_vocab_size_divisible_by": 128,
+        "tensor_model_parallel_size": 1,
+        "pipeline_model_parallel_size": 1,
+        "context_parallel_size": 1,
+    }
+
+
+def run_config_dict(arch: LlamaArch, extras: HfExtras, source: str = "") -> dict[str, Any]:
+    return {
+        "model": _bridge_model_section(arch, arch.max_position_embeddings),
+        "checkpoint": {
+            "ckpt_format": "torch_dist",
+            "save_optim": False,
+            "save_rng": False,
+            "fully_parallel_save": True,
+        },
+        "prolong": {
+            "arch": dataclasses.asdict(arch),
+            "hf": extras.to_dict(),
+            "source": source,
+        },
+    }
+
+
+def write_run_config(iter_dir: Path, arch: LlamaArch, extras: HfExtras | None = None, source: str = "") -> Path:
+    """Record the model config in a checkpoint's iteration folder (also for training code)."""
+    path = Path(iter_dir) / RUN_CONFIG_FILE
+    with open(path, "w") as f:
+        yaml.safe_dump(run_config_dict(arch, extras or HfExtras(), source), f, sort_keys=False)
+    return path
+
+
+def _arch_from_bridge_model(model: dict[str, Any]) -> LlamaArch:
+    """LlamaArch from a Bridge `model:` section (a checkpoint written by Bridge training)."""
+    heads = model["num_attention_heads"]
+    scaling = None
+    if model.get("rope_scaling"):
+        scaling = normalize_rope_scaling({"rope_type": "llama3", "factor": model.get("rope_scaling_factor", 8.0)}, "run_config")
+    return LlamaArch(
+        num_layers=model["num_layers"],
+        hidden_size=model["hidden_size"],
+        ffn_hidden_size=model["ffn_hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=model.get("num_query_groups") or heads,
+        vocab_size=model["vocab_size"],
+        norm_eps=float(model.get("layernorm_epsilon", 1e-5)),
+        rope_theta=float(model.get("rotary_base", 10000)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(model.get("seq_length", 8192)),
+        tie_word_embeddings=bool(model.get("share_embeddings_and_output_weights", False)),
+    )
+
+
+def read_recorded_config(iter_dir: Path) -> tuple[LlamaArch, HfExtras]:
+    """The architecture recorded with a checkpoint: our `prolong.arch`, else Bridge's `model:`."""
+    path = Path(iter_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise ConversionError(
+            f"{path}: no recorded model config; pass the architecture explicitly (--arch-from HF_DIR or --preset)"
+        )
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    prolong = cfg.get("prolong") or {}
+    try:
+        if "arch" in prolong:
+            fields = {f.name for f in dataclasses.fields(LlamaArch)}
+            arch = LlamaArch(**{k: v for k, v in prolong["arch"].items() if k in fields})
+        elif "model" in cfg:
+            arch = _arch_from_bridge_model(cfg["model"])
+        else:
+            raise ConversionError(f"{path}: has neither a `prolong.arch` nor a `model` section")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"{path}: cannot build the architecture ({e})") from None
+    arch = arch.replace(rope_scaling=normalize_rope_scaling(arch.rope_scaling, str(path)))
+    return arch, HfExtras.from_dict(prolong.get("hf"))
+
+
+def write_tracker(root: Path, iteration: int) -> None:
+    (Path(root) / TRACKER_FILE).write_text(str(iteration))
