@@ -11,12 +11,18 @@ Patched (megatron-core 0.17-0.19):
 - the RNG tracker (`CudaRNGStatesTracker.add/fork`) and the activation-checkpoint RNG
   save/restore (`_get_cuda_rng_state` / `_set_cuda_rng_state`) use CUDA generators; on CPU
   the tracker keeps named CPU generator states instead, so forked regions stay reproducible.
+- three modules create bookkeeping tensors on CUDA or call `torch.cuda.synchronize()`
+  (`pipeline_parallel.schedules`: the per-token-loss token counter; the dist-checkpoint
+  saver and async filesystem writer: status flags, synchronize): those modules, and only
+  those, see a `torch` whose explicit CUDA allocations land on the CPU
+  (`_CPU_DEVICE_MODULES`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import operator
+import types
 from functools import reduce
 
 import torch
@@ -95,6 +101,75 @@ def _patch_rng() -> None:
     _patch(mrandom, "_set_cuda_rng_state", set_state)
 
 
+def _cpu_device(device):
+    """Explicit CUDA devices (names or indices) become the CPU; anything else is kept."""
+    if device is None or (isinstance(device, str) and device == "cpu"):
+        return device
+    if isinstance(device, int) or torch.device(device).type == "cuda":
+        return "cpu"
+    return device
+
+
+class _CpuCuda(types.ModuleType):
+    """`torch.cuda` as seen by a patched module: no device to select or synchronize."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.cuda")
+
+    def __getattr__(self, name: str):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device() -> str:
+        return "cpu"
+
+    @staticmethod
+    def synchronize(device=None) -> None:
+        return None
+
+
+def _on_cpu(factory):
+    def create(*args, device=None, **kwargs):
+        return factory(*args, device=_cpu_device(device), **kwargs)
+
+    return staticmethod(create)
+
+
+class _CpuDeviceTorch(types.ModuleType):
+    """`torch` for selected megatron modules: identical except that tensors those modules
+    explicitly create on CUDA (counters, flags, status broadcasts) are created on the CPU."""
+
+    zeros = _on_cpu(torch.zeros)
+    ones = _on_cpu(torch.ones)
+    empty = _on_cpu(torch.empty)
+    tensor = _on_cpu(torch.tensor)
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        setattr(self, _MARK, True)
+        self.cuda = _CpuCuda()
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+# Modules whose only CUDA use is small bookkeeping tensors / synchronize calls.
+_CPU_DEVICE_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",  # token counter: zeros(device="cuda")
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # status flags on CUDA
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",  # cuda.synchronize()
+)
+
+
+def _patch_module_devices() -> None:
+    import importlib
+
+    for name in _CPU_DEVICE_MODULES:
+        module = importlib.import_module(name)
+        if not getattr(module.torch, _MARK, False):
+            module.torch = _CpuDeviceTorch()
+
+
 def apply_cpu_patches(force: bool = False) -> bool:
     """Patch megatron-core for CPU execution. Returns True when patches are in place.
 
@@ -105,4 +180,5 @@ def apply_cpu_patches(force: bool = False) -> bool:
     _patch_rotary()
     _patch_memory_buffer()
     _patch_rng()
+    _patch_module_devices()
     return True

@@ -1,0 +1,263 @@
+"""Real training steps on CPU through megatron-core (gloo), for tests and the demo.
+
+Uses megatron-core's `get_forward_backward_func` with the same `forward_step` and per-token
+loss as the Megatron-Bridge path. What a CPU cannot run from megatron-core (its DDP buffers,
+distributed optimizer and fused clipping allocate on CUDA) is replaced by plain PyTorch with
+the same semantics: `finalize_grads` sums gradients over DP x CP and divides by the global
+token count, exactly like megatron's `finalize_model_grads` under per-token loss; AdamW;
+megatron's own `OptimizerParamScheduler` (linear warmup, cosine decay to min LR).
+Checkpoints are megatron dist checkpoints laid out as Megatron-Bridge does:
+`<root>/iter_0000010/` + `<root>/latest_checkpointed_iteration.txt`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from prolong_nemo.model.config import preset
+from prolong_nemo.model.cross_entropy import DEFAULT_CHUNK_TOKENS
+from prolong_nemo.model.loss import LossImpl, global_token_mean
+from prolong_nemo.training.forward_step import StepOptions, make_forward_step
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "llama3-tiny"
+    rope_theta: float | None = None  # None: the preset's
+    seq_length: int = 512  # longest row; sizes RoPE tables
+    train_iters: int = 20
+    micro_batches: int = 2  # per optimizer step and DP rank
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 2
+    weight_decay: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float = 1.0
+    loss_impl: LossImpl = "chunked"
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    save_dir: str | None = None
+    save_interval: int = 0  # 0: only at the end
+    exit_after: int | None = None  # stop after this many steps in this process (tests: "kill")
+    log_interval: int = 1
+    seed: int = 1234
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    step: int = 0
+    consumed_samples: int = 0
+    history: list[StepRecord] = field(default_factory=list)
+
+
+# ---- process groups ------------------------------------------------------------------------
+
+
+def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> None:
+    """gloo process group (torchrun env or a world of one) + megatron model-parallel groups."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from prolong_nemo.cpu_compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tp, pp, context_parallel_size=cp)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def finalize_grads(model_chunks, num_tokens: torch.Tensor | None, pg_collection=None, force_all_reduce=False):
+    """megatron `finalize_model_grads` semantics for plain modules: sum over DP x CP, / tokens."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    multi = dist.get_world_size(group) > 1
+    params = [p for m in model_chunks for p in m.parameters() if p.grad is not None]
+    if multi:
+        for p in params:
+            dist.all_reduce(p.grad, group=group)
+    if num_tokens is not None:
+        if multi:
+            dist.all_reduce(num_tokens, group=group)
+        scale = 1.0 / num_tokens.clamp(min=1).float()
+        for p in params:
+            p.grad.mul_(scale)
+
+
+# ---- model / optimizer ---------------------------------------------------------------------
+
+
+def build_state(cfg: TrainConfig) -> TrainState:
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from prolong_nemo.model.builder import build_gpt_model
+
+    arch = preset(cfg.preset) if cfg.rope_theta is None else preset(cfg.preset, rope_theta=cfg.rope_theta)
+    torch.manual_seed(cfg.seed)
+    model = build_gpt_model(arch, cfg.seq_length, backend="local")
+    model.config.finalize_model_grads_func = finalize_grads
+    # megatron's convention: no weight decay on norms and biases (1-D parameters).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_iters,
+        lr_decay_steps=cfg.train_iters, lr_decay_style="cosine", start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay, wd_incr_steps=cfg.train_iters, wd_incr_style="constant",
+    )
+    return TrainState(model, optimizer, scheduler)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+
+def _iter_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+def latest_step(root: str | Path) -> int | None:
+    marker = Path(root) / LATEST_FILE
+    return int(marker.read_text().strip()) if marker.exists() else None
+
+
+def save_checkpoint(root: str | Path, state: TrainState) -> Path:
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    target = _iter_dir(root, state.step)
+    if dist.get_rank() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    sharded = {
+        "model": state.model.sharded_state_dict(),
+        # Plain (common) state: replicated on every rank of a CPU run (TP = PP = 1).
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "train_state": {"step": state.step, "consumed_samples": state.consumed_samples},
+    }
+    dist_checkpointing.save(sharded, str(target))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (root / LATEST_FILE).write_text(f"{state.step}\n")
+    return target
+
+
+def load_checkpoint(root: str | Path, state: TrainState) -> bool:
+    """Resume model, optimizer, scheduler and data position from the latest checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    step = latest_step(root)
+    if step is None:
+        return False
+    loaded = dist_checkpointing.load({"model": state.model.sharded_state_dict()}, str(_iter_dir(Path(root), step)))
+    state.model.load_state_dict(loaded["model"], strict=False)
+    state.optimizer.load_state_dict(loaded["optimizer"])
+    state.scheduler.load_state_dict(loaded["scheduler"])
+    state.step = int(loaded["train_state"]["step"])
+    state.consumed_samples = int(loaded["train_state"]["consumed_samples"])
+    return True
+
+
+# ---- the loop ------------------------------------------------------------------------------
+
+
+def _micro_batches(dataset: Sequence, start: int, count: int, collate: Callable) -> Iterator:
+    from megatron.core import parallel_state
+
+    first = start + parallel_state.get_data_parallel_rank() * count
+    for i in range(first, first + count):
+        yield collate([dataset[i % len(dataset)]])
+
+
+def train_step(state: TrainState, cfg: TrainConfig, dataset: Sequence, collate: Callable) -> StepRecord:
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    dp = parallel_state.get_data_parallel_world_size()
+    rows = [dataset[(state.consumed_samples + i) % len(dataset)] for i in range(cfg.micro_batches * dp)]
+    tokens = sum(int(r["tokens"].shape[-1]) for r in rows)
+    started = time.perf_counter()
+    state.model.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    reports = get_forward_backward_func()(
+        forward_step_func=make_forward_step(StepOptions(cfg.loss_impl, cfg.chunk_tokens)),
+        data_iterator=_micro_batches(dataset, state.consumed_samples, cfg.micro_batches, collate),
+        model=[state.model],
+        num_microbatches=cfg.micro_batches,
+        seq_length=cfg.seq_length,
+        micro_batch_size=1,
+        forward_only=False,
+    )
+    if cfg.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip_grad)
+    state.optimizer.step()
+    state.scheduler.step(1)
+    state.step += 1
+    state.consumed_samples += cfg.micro_batches * dp
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    record = StepRecord(state.step, global_token_mean(reports, group), tokens, time.perf_counter() - started)
+    state.history.append(record)
+    return record
+
+
+def format_log(record: StepRecord, cfg: TrainConfig, state: TrainState, elapsed: float, steps_done: int) -> str:
+    lr = state.optimizer.param_groups[0]["lr"]
+    eta = elapsed / max(steps_done, 1) * (cfg.train_iters - record.step)
+    return (
+        f"step {record.step}/{cfg.train_iters} ({100.0 * record.step / cfg.train_iters:.1f}%) | "
+        f"loss {record.loss:.4f} | lr {lr:.3e} | tokens/s {record.tokens / record.seconds:,.0f} | "
+        f"elapsed {elapsed:.1f}s | ETA {eta:.1f}s"
+    )
+
+
+def train(cfg: TrainConfig, dataset: Sequence, collate: Callable, log: Callable[[str], None] = print) -> TrainState:
+    """Train (resuming from cfg.save_dir when it holds a checkpoint); returns the final state."""
+    init_distributed(seed=cfg.seed)
+    state = build_state(cfg)
+    if cfg.save_dir and load_checkpoint(cfg.save_dir, state):
+        log(f"resumed from {cfg.save_dir} at step {state.step} ({state.consumed_samples} samples)")
+    started, steps_done = time.perf_counter(), 0
+    while state.step < cfg.train_iters:
+        record = train_step(state, cfg, dataset, collate)
+        steps_done += 1
+        if not math.isfinite(record.loss):
+            raise FloatingPointError(f"loss is {record.loss} at step {record.step}")
+        if record.step % cfg.log_interval == 0 or record.step == cfg.train_iters:
+            log(format_log(record, cfg, state, time.perf_counter() - started, steps_done))
+        stopping = cfg.exit_after is not None and steps_done >= cfg.exit_after
+        due = cfg.save_interval and record.step % cfg.save_interval == 0
+        if cfg.save_dir and (due or stopping or record.step == cfg.train_iters):
+            log(f"saved {save_checkpoint(cfg.save_dir, state)}")
+        if stopping:
+            break
+    return state
+
+
+def config_summary(cfg: TrainConfig) -> str:
+    return ", ".join(f"{k}={v}" for k, v in asdict(cfg).items())
