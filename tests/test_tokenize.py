@@ -31,6 +31,19 @@ def test_special_ids(tok):
     assert (sp["<|start_header_id|>"], sp["<|end_header_id|>"]) == (128006, 128007)
 
 
+def test_encode_text_equals_meta_encode(tok):
+    """The fast path must equal llama-models' Tokenizer.encode, including its 400K-char chunking
+    and its split of >25K-character runs."""
+    from llama_models.llama3 import tokenizer as meta
+
+    assert meta.TIKTOKEN_MAX_ENCODE_CHARS == 400_000 and meta.MAX_NO_WHITESPACES_CHARS == 25_000
+    words = " ".join(f"word{i % 97}," for i in range(90_000))  # ~700K chars: crosses a 400K cut
+    texts = [words, "x" * 30_000 + " tail", "a" + " " * 26_000 + "b\u3000\u2028" * 3, "\x1c" * 25_001 + "z",
+             "plain short text", ""]
+    for text in texts:
+        assert encode_text(tok, text) == tok.encode(text, bos=False, eos=False)
+
+
 def test_text_never_produces_special_tokens(tok):
     ids = encode_text(tok, "a <|eot_id|> b <|begin_of_text|>")
     assert ids and max(ids) < 128000
@@ -151,6 +164,17 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, workers, line, message):
     with pytest.raises(InputError, match=message):
         tokenize_files([path], tmp_path / "out", TokenizeOptions(workers=workers), progress=False)
     assert not (tmp_path / "out").exists()  # no partial dataset left behind
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(InputError, match="latin1.jsonl:2: not valid UTF-8"):
+        tokenize_files([path], tmp_path / "out", progress=False)
+    txt = tmp_path / "latin1.txt"
+    txt.write_bytes(b"caf\xe9")
+    with pytest.raises(InputError, match="latin1.txt: not valid UTF-8"):
+        tokenize_files([txt], tmp_path / "out2", progress=False)
 
 
 def test_malformed_chat(tmp_path):

@@ -15,6 +15,10 @@ section 3) for the options ProLong used:
   ``<chunk>-<pack_length>`` (the reference's naming); a remainder shorter than the smallest
   chunk length is dropped.
 
+The ``domain`` column holds ``--domain`` when given, else the subset path (the reference's rule,
+e.g. "book/65536-524288"), else (no subsets, where the reference writes ".") the domain of the
+sample's first document. Packing is sequential, i.e. the reference run with one process.
+
 Deliberate differences from the reference, none of which changes a packed token: empty documents
 are skipped instead of producing zero-length segments; the instruction ``mask`` of an inserted
 BOS/EOS/middle token is 0 (the reference writes the token id into the mask column); every dropped
@@ -468,6 +472,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     seconds = time.perf_counter() - start
     print(stats.report())
+    if not stats.samples_out:
+        print(f"warning: no sample written: fewer than --pack-length {options.pack_length} tokens reached a buffer")
     print(f"packed {stats.tokens_in} tokens in {seconds:.1f}s "
           f"({stats.tokens_in / max(seconds, 1e-9) / 1e6:.2f}M tokens/s) -> {args.output}")
     return 0 if stats.balanced else 1

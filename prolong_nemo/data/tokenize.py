@@ -24,6 +24,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -38,6 +39,13 @@ ASSISTANT = "assistant"
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 RAW_COLUMNS = {"input_ids": "ndarray:uint32", "length": "int", "domain": "str"}
 SHARD_SIZE_LIMIT = 1 << 26
+
+
+# llama_models.llama3.tokenizer limits (its encode() splits on these before calling tiktoken)
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+MAX_NO_WHITESPACES_CHARS = 25_000
+# re's \s is str.isspace (Py_UNICODE_ISSPACE), the wrapper's test for a whitespace run
+_LONG_RUN = re.compile(rf"\s{{{MAX_NO_WHITESPACES_CHARS + 1},}}|\S{{{MAX_NO_WHITESPACES_CHARS + 1},}}")
 
 
 class InputError(ValueError):
@@ -103,8 +111,15 @@ def get_tokenizer():
 
 
 def encode_text(tok, text: str) -> list[int]:
-    # disallowed_special=() : a literal "<|eot_id|>" in data is text, never a control token.
-    return tok.encode(text, bos=False, eos=False, allowed_special=set(), disallowed_special=())
+    """Exactly `tok.encode(text, bos=False, eos=False)`; special-token text stays plain text."""
+    if _LONG_RUN.search(text):
+        return tok.encode(text, bos=False, eos=False, allowed_special=set(), disallowed_special=())
+    # Fast path: without a run longer than the wrapper's limit, its per-character Python split loop
+    # yields each TIKTOKEN_MAX_ENCODE_CHARS piece whole, so encode those pieces directly.
+    ids: list[int] = []
+    for i in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
+        ids += tok.model.encode(text[i:i + TIKTOKEN_MAX_ENCODE_CHARS], allowed_special=set(), disallowed_special=())
+    return ids
 
 
 def encode_chat(tok, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
@@ -171,10 +186,24 @@ def _encode_batch(args: tuple[list[RawRecord], TokenizeOptions]) -> list[Encoded
 # Reading inputs (main process: cheap, ordered)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = f"{path}:{lineno}" if lineno else str(path)
+        raise InputError(f"{where}: not valid UTF-8 (byte {err.start})") from None
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of the non-blank lines of a (gzipped) UTF-8 file."""
+    with _open_binary(path) as fh:
+        for lineno, raw in enumerate(fh, 1):  # binary: JSON Lines separates records by b"\n" only
+            if raw.strip():
+                yield lineno, _decode(raw, path, lineno)
 
 
 def detect_format(path: Path, opts: TokenizeOptions) -> str:
@@ -183,24 +212,20 @@ def detect_format(path: Path, opts: TokenizeOptions) -> str:
         return opts.fmt
     if not path.name.endswith(JSONL_SUFFIXES):
         return "text"
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                obj = _parse_json(RawRecord(str(path), lineno, "jsonl", line, ""))
-                return "chat" if opts.messages_field in obj else "jsonl"
+    for lineno, line in iter_lines(path):
+        obj = _parse_json(RawRecord(str(path), lineno, "jsonl", line, ""))
+        return "chat" if opts.messages_field in obj else "jsonl"
     return "jsonl"
 
 
 def iter_records(path: Path, kind: str, opts: TokenizeOptions) -> Iterator[RawRecord]:
     domain = opts.domain or path.name.split(".")[0]
     if kind == "text":
-        with _open_text(path) as fh:
-            yield RawRecord(str(path), 0, kind, fh.read(), domain)
+        with _open_binary(path) as fh:
+            yield RawRecord(str(path), 0, kind, _decode(fh.read(), path, 0), domain)
         return
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                yield RawRecord(str(path), lineno, kind, line, domain)
+    for lineno, line in iter_lines(path):
+        yield RawRecord(str(path), lineno, kind, line, domain)
 
 
 def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
