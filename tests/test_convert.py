@@ -1,0 +1,371 @@
+"""HF <-> Megatron conversion: bit-exact round trips, configs, and every refused input.
+
+Tiny random Llama-3-architecture models are built offline with transformers. The tests that
+load the checkpoint into a real megatron-core GPTModel live in test_convert_megatron.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from prolong_nemo.cli import main as cli_main
+from prolong_nemo.convert import ConversionError, hf_to_megatron, megatron_to_hf
+from prolong_nemo.convert import dcp_io
+from prolong_nemo.convert.hf_config import arch_from_hf_config
+from prolong_nemo.convert.megatron_io import read_recorded_config, resolve_iter_dir
+
+TINY = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, rope_theta=500000.0, rms_norm_eps=1e-5,
+    bos_token_id=1, eos_token_id=2,
+)
+LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+
+
+def make_hf_model(folder: Path, dtype=torch.bfloat16, seed: int = 0, shard: str = "40KB", **changes) -> Path:
+    """A random tiny LlamaForCausalLM saved as (sharded) safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY, **changes})
+    model = LlamaForCausalLM(config).to(dtype)
+    with torch.no_grad():  # make norms non-trivial so a dropped norm cannot go unnoticed
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=shard)
+    return folder
+
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))  # the safetensors library itself validates the files
+    return out
+
+
+def assert_bit_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+
+
+def quiet(**kw):
+    return dict(show_progress=False, **kw)
+
+
+# ---------------------------------------------------------------- round trips
+
+
+def test_round_trip_is_bit_exact_and_records_target_rope(tmp_path):
+    src = make_hf_model(tmp_path / "hf")
+    assert len(list(src.glob("*.safetensors"))) > 1  # sharded input with an index
+    res = hf_to_megatron(src, tmp_path / "mg", rope_theta=8e6, max_position_embeddings=65536, **quiet())
+    assert (tmp_path / "mg" / "latest_checkpointed_iteration.txt").read_text() == "0"
+    iter_dir = resolve_iter_dir(tmp_path / "mg")
+    assert iter_dir.name == "iter_0000000"
+    for name in (".metadata", "metadata.json", "common.pt", "run_config.yaml"):
+        assert (iter_dir / name).is_file(), name
+    arch, _ = read_recorded_config(iter_dir)
+    assert (arch.rope_theta, arch.max_position_embeddings) == (8e6, 65536) == (res.arch.rope_theta, 65536)
+
+    out = megatron_to_hf(tmp_path / "mg", tmp_path / "out", max_shard_bytes=60_000, **quiet())
+    assert_bit_exact(all_tensors(src), all_tensors(out.output))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["rope_theta"] == 8e6 and config["max_position_embeddings"] == 65536
+    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 8e6}
+    assert config["dtype"] == "bfloat16" and (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    assert (tmp_path / "out" / "generation_config.json").is_file()
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(all_tensors(src))
+
+
+def test_megatron_layout_is_stacked_with_te_names(tmp_path):
+    src = make_hf_model(tmp_path / "hf")
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    reader = dcp_io.DistCheckpointReader(resolve_iter_dir(tmp_path / "mg"))
+    shapes = {k: reader.global_shape(k) for k in reader.tensor_keys()}
+    assert shapes == {
+        "embedding.word_embeddings.weight": (256, 64),
+        "decoder.final_layernorm.weight": (64,),
+        "output_layer.weight": (256, 64),
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (2, 64),
+        "decoder.layers.self_attention.linear_qkv.weight": (2, (4 + 2 * 2) * 16, 64),
+        "decoder.layers.self_attention.linear_proj.weight": (2, 64, 64),
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight": (2, 64),
+        "decoder.layers.mlp.linear_fc1.weight": (2, 2 * 96, 64),
+        "decoder.layers.mlp.linear_fc2.weight": (2, 64, 96),
+    }
+    hf = all_tensors(src)
+    qkv = reader.read_region("decoder.layers.self_attention.linear_qkv.weight", (1, 0, 0), (1, 128, 64))[0]
+    q, k, v = (hf[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "qkv")
+    # query group 1 = q heads 2..3, then k head 1, then v head 1
+    assert torch.equal(qkv[64:96], q[32:64]) and torch.equal(qkv[96:112], k[16:32]) and torch.equal(qkv[112:], v[16:32])
+    norm = reader.read_region("decoder.layers.mlp.linear_fc1.layer_norm_weight", (0, 0), (1, 64))[0]
+    assert torch.equal(norm, hf["model.layers.0.post_attention_layernorm.weight"])
+    objects = [k for k, v in reader.metadata.state_dict_metadata.items() if not hasattr(v, "chunks")]
+    assert "decoder.layers.self_attention.core_attention._extra_state/shard_1_2" in objects
+    assert "common_state/shard_0_1" in objects
+
+
+def test_exported_folder_loads_in_transformers_without_warnings(tmp_path):
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    src = make_hf_model(tmp_path / "hf", dtype=torch.float32)
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    megatron_to_hf(tmp_path / "mg", tmp_path / "out", **quiet())
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = hf_logging.get_logger("transformers")
+    logger.addHandler(handler)
+    try:
+        model, info = LlamaForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+    ref = LlamaForCausalLM.from_pretrained(src)
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, ref(tokens).logits)
+
+
+def test_llama31_rope_scaling_round_trips(tmp_path):
+    from transformers import LlamaConfig
+
+    src = make_hf_model(tmp_path / "hf", rope_scaling=dict(LLAMA31_SCALING))
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    assert read_recorded_config(resolve_iter_dir(tmp_path / "mg"))[0].rope_scaling == LLAMA31_SCALING
+    megatron_to_hf(tmp_path / "mg", tmp_path / "out", **quiet())
+    config = LlamaConfig.from_pretrained(tmp_path / "out")
+    assert config.rope_scaling == LLAMA31_SCALING and config.rope_theta == 500000.0
+    raw = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert raw["rope_parameters"] == {**LLAMA31_SCALING, "rope_theta": 500000.0}
+    assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    src = make_hf_model(tmp_path / "hf", tie_word_embeddings=True)
+    assert "lm_head.weight" not in all_tensors(src)
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    reader = dcp_io.DistCheckpointReader(resolve_iter_dir(tmp_path / "mg"))
+    assert not reader.has("output_layer.weight")
+    megatron_to_hf(tmp_path / "mg", tmp_path / "out", **quiet())
+    assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_transformers5_config_shape_is_read():
+    cfg = {**TINY, "model_type": "llama", "rope_parameters": {**LLAMA31_SCALING, "rope_theta": 8e6}}
+    del cfg["rope_theta"]
+    arch, _ = arch_from_hf_config(cfg)
+    assert arch.rope_theta == 8e6 and arch.rope_scaling == LLAMA31_SCALING
+    arch, _ = arch_from_hf_config({**cfg, "rope_parameters": {"rope_type": "default", "rope_theta": 1.28e8}})
+    assert arch.rope_theta == 1.28e8 and arch.rope_scaling is None
+
+
+def test_tokenizer_files_are_carried(tmp_path):
+    src = make_hf_model(tmp_path / "hf")
+    (src / "tokenizer.json").write_text('{"model": "x"}')
+    (src / "tokenizer_config.json").write_text("{}")
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    assert (resolve_iter_dir(tmp_path / "mg") / "tokenizer" / "tokenizer.json").is_file()
+    megatron_to_hf(tmp_path / "mg", tmp_path / "out", **quiet())
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"model": "x"}'
+    other = tmp_path / "tok"
+    other.mkdir()
+    (other / "tokenizer.json").write_text('{"model": "y"}')
+    megatron_to_hf(tmp_path / "mg", tmp_path / "out2", tokenizer_dir=other, **quiet())
+    assert (tmp_path / "out2" / "tokenizer.json").read_text() == '{"model": "y"}'
+
+
+# ---------------------------------------------------------------- refused inputs
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+        ({"rope_scaling": {**LLAMA31_SCALING, "low_freq_factor": 2.0}}, "low_freq_factor=2.0 is not representable"),
+        ({"num_key_value_heads": 3}, "not divisible by num_key_value_heads 3"),
+        ({"num_attention_heads": 5}, "hidden_size 64 is not divisible by num_attention_heads 5"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"model_type": "mistral"}, "not a Llama model"),
+        ({"intermediate_size": 100}, "mlp.gate_proj.weight: shape (96, 64) does not match config.json ((100, 64))"),
+    ],
+)
+def test_unrepresentable_configs_are_refused(tmp_path, changes, message):
+    src = make_hf_model(tmp_path / "hf")
+    _edit_config(src, **changes)
+    with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        hf_to_megatron(src, tmp_path / "mg", **quiet())
+    assert not (tmp_path / "mg").exists()
+
+
+def test_tied_embedding_mismatches_are_refused(tmp_path):
+    src = make_hf_model(tmp_path / "hf")  # untied, has lm_head.weight
+    _edit_config(src, tie_word_embeddings=True)
+    with pytest.raises(ConversionError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        hf_to_megatron(src, tmp_path / "mg", **quiet())
+    tied = make_hf_model(tmp_path / "tied", tie_word_embeddings=True)
+    _edit_config(tied, tie_word_embeddings=False)
+    with pytest.raises(ConversionError, match="no lm_head.weight"):
+        hf_to_megatron(tied, tmp_path / "mg", **quiet())
+
+
+def _rewrite_tensor(folder: Path, name: str, tensor: torch.Tensor | None) -> Path:
+    """Replace (or with None drop) one tensor in whichever shard holds it; returns that file."""
+    for f in folder.glob("*.safetensors"):
+        tensors = load_file(f)
+        if name in tensors:
+            if tensor is None:
+                del tensors[name]
+            else:
+                tensors[name] = tensor
+            save_file(tensors, f, metadata={"format": "pt"})
+            if tensor is None:  # keep the index consistent with the files
+                index = folder / "model.safetensors.index.json"
+                data = json.loads(index.read_text())
+                del data["weight_map"][name]
+                index.write_text(json.dumps(data))
+            return f
+    raise AssertionError(name)
+
+
+def test_bad_tensor_shape_names_file_and_tensor(tmp_path):
+    src = make_hf_model(tmp_path / "hf")
+    name = "model.layers.1.self_attn.k_proj.weight"
+    f = _rewrite_tensor(src, name, torch.zeros(16, 64, dtype=torch.bfloat16))
+    with pytest.raises(ConversionError, match=rf"{f.name}: tensor {name}: shape \(16, 64\) does not match"):
+        hf_to_megatron(src, tmp_path / "mg", **quiet())
+
+
+def test_missing_and_unknown_tensors_are_refused(tmp_path):
+    src = make_hf_model(tmp_path / "hf")
+    f = _rewrite_tensor(src, "model.layers.0.mlp.up_proj.weight", None)
+    with pytest.raises(ConversionError, match="missing from the safetensors files"):
+        hf_to_megatron(src, tmp_path / "mg", **quiet())
+    src2 = make_hf_model(tmp_path / "hf2", shard="10GB")
+    tensors = load_file(src2 / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64, dtype=torch.bfloat16)
+    save_file(tensors, src2 / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match="model.safetensors: tensor model.layers.0.self_attn.q_proj.bias is not part"):
+        hf_to_megatron(src2, tmp_path / "mg", **quiet())
+    assert f.exists()
+
+
+class _Boom:
+    """Unpickling this would create a file: proves nothing was unpickled."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_pickle_weights_are_never_loaded(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    marker = tmp_path / "unpickled"
+    with open(folder / "pytorch_model.bin", "wb") as f:
+        pickle.dump(_Boom(str(marker)), f)
+    (folder / "config.json").write_text(json.dumps({**TINY, "model_type": "llama"}))
+    with pytest.raises(ConversionError, match="pickle-based weights are never loaded"):
+        hf_to_megatron(folder, tmp_path / "mg", **quiet())
+    assert not marker.exists()
+
+
+def test_malicious_checkpoint_metadata_is_refused(tmp_path):
+    src = make_hf_model(tmp_path / "hf")
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    marker = tmp_path / "unpickled"
+    iter_dir = resolve_iter_dir(tmp_path / "mg")
+    (iter_dir / ".metadata").write_bytes(pickle.dumps(_Boom(str(marker))))
+    with pytest.raises(ConversionError, match="refusing to unpickle posix.makedirs|refusing to unpickle os.makedirs"):
+        megatron_to_hf(tmp_path / "mg", tmp_path / "out", **quiet())
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_truncated_safetensors_is_refused(tmp_path):
+    src = make_hf_model(tmp_path / "hf", shard="10GB")
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ConversionError, match="model.safetensors: tensor .* inconsistent offsets"):
+        hf_to_megatron(src, tmp_path / "mg", **quiet())
+    header_len = struct.unpack("<Q", f.read_bytes()[:8])[0]
+    assert header_len < 100_000
+
+
+def test_failure_mid_write_leaves_no_output(tmp_path, monkeypatch):
+    src = make_hf_model(tmp_path / "hf")
+    calls = {"n": 0}
+    original = dcp_io.DistCheckpointWriter.add_chunk
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(dcp_io.DistCheckpointWriter, "add_chunk", failing)
+    with pytest.raises(OSError, match="disk full"):
+        hf_to_megatron(src, tmp_path / "mg", **quiet())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no output, no temp folder
+    monkeypatch.undo()
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    with pytest.raises(ConversionError, match="already exists"):
+        hf_to_megatron(src, tmp_path / "mg", **quiet())
+    hf_to_megatron(src, tmp_path / "mg", overwrite=True, **quiet())
+
+
+def test_export_refuses_a_config_that_does_not_match_the_weights(tmp_path):
+    from prolong_nemo.model.config import LlamaArch
+
+    src = make_hf_model(tmp_path / "hf")
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    arch, _ = read_recorded_config(resolve_iter_dir(tmp_path / "mg"))
+    wrong = LlamaArch(**{**arch.__dict__, "ffn_hidden_size": 128})
+    with pytest.raises(ConversionError, match=r"decoder.layers.mlp.linear_fc1.weight: per-layer shape \(192, 64\)"):
+        megatron_to_hf(tmp_path / "mg", tmp_path / "out", arch=wrong, **quiet())
+    with pytest.raises(ConversionError, match="tied-embeddings mismatch"):
+        megatron_to_hf(tmp_path / "mg", tmp_path / "out", arch=arch.replace(tie_word_embeddings=True), **quiet())
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_round_trip_and_errors(tmp_path, capsys):
+    src = make_hf_model(tmp_path / "hf")
+    assert cli_main(["convert", "hf-to-megatron", str(src), str(tmp_path / "mg"), "--rope-theta", "1.28e8",
+                     "--quiet", "--no-fsync"]) == 0
+    assert cli_main(["convert", "megatron-to-hf", str(tmp_path / "mg"), str(tmp_path / "out"), "--quiet",
+                     "--max-shard-size", "50KB"]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_theta"] == 1.28e8
+    assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
+    _edit_config(src, num_key_value_heads=3)
+    assert cli_main(["convert", "hf-to-megatron", str(src), str(tmp_path / "mg2"), "--quiet"]) == 2
+    assert "not divisible by num_key_value_heads 3" in capsys.readouterr().err
