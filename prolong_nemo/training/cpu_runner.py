@@ -12,8 +12,10 @@ Checkpoints are megatron dist checkpoints laid out as Megatron-Bridge does:
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +49,8 @@ class TrainConfig:
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     save_dir: str | None = None
     save_interval: int = 0  # 0: only at the end
-    exit_after: int | None = None  # stop after this many steps in this process (tests: "kill")
+    exit_after: int | None = None  # stop after N steps of this run WITHOUT saving (simulated crash)
+    metrics_file: str | None = None  # JSON lines, one per step, full-precision loss
     log_interval: int = 1
     seed: int = 1234
 
@@ -82,13 +85,22 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) ->
 
     apply_cpu_patches()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if world > 1:
+                raise RuntimeError("multi-process CPU runs need MASTER_PORT (launch with torchrun)")
+            os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group("gloo", rank=rank, world_size=world)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tp, pp, context_parallel_size=cp)
     model_parallel_cuda_manual_seed(seed)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def finalize_grads(model_chunks, num_tokens: torch.Tensor | None, pg_collection=None, force_all_reduce=False):
@@ -250,12 +262,15 @@ def train(cfg: TrainConfig, dataset: Sequence, collate: Callable, log: Callable[
             raise FloatingPointError(f"loss is {record.loss} at step {record.step}")
         if record.step % cfg.log_interval == 0 or record.step == cfg.train_iters:
             log(format_log(record, cfg, state, time.perf_counter() - started, steps_done))
-        stopping = cfg.exit_after is not None and steps_done >= cfg.exit_after
-        due = cfg.save_interval and record.step % cfg.save_interval == 0
-        if cfg.save_dir and (due or stopping or record.step == cfg.train_iters):
-            log(f"saved {save_checkpoint(cfg.save_dir, state)}")
-        if stopping:
+        if cfg.metrics_file and dist.get_rank() == 0:
+            with open(cfg.metrics_file, "a") as f:
+                f.write(json.dumps(asdict(record)) + "\n")
+        if cfg.exit_after is not None and steps_done >= cfg.exit_after:
+            log(f"stopping after {steps_done} steps without saving (exit_after)")
             break
+        due = cfg.save_interval and record.step % cfg.save_interval == 0
+        if cfg.save_dir and (due or record.step == cfg.train_iters):
+            log(f"saved {save_checkpoint(cfg.save_dir, state)}")
     return state
 
 

@@ -1,0 +1,181 @@
+"""Chunked LM head + cross-entropy vs the full path; vocab-parallel; per-token averaging."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from prolong_nemo.model.cross_entropy import (
+    VocabShard,
+    chunked_linear_cross_entropy,
+    full_linear_cross_entropy,
+)
+from prolong_nemo.model.loss import masked_token_loss
+
+
+def _inputs(n=300, h=32, v=1000, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g) * 2).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * 0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g)
+    return hidden, weight, labels
+
+
+def _loss_and_grads(fn, hidden, weight, labels, grad_out):
+    hidden.grad = weight.grad = None
+    loss = fn(hidden, weight, labels)
+    loss.backward(grad_out)
+    return loss.detach(), hidden.grad.clone(), weight.grad.clone()
+
+
+@pytest.mark.parametrize("chunk", [1, 64, 77, 300, 4096])
+def test_chunked_equals_full_cross_entropy(chunk):
+    hidden, weight, labels = _inputs()
+    # a non-uniform upstream gradient (like a loss mask / token weights)
+    grad_out = torch.rand(labels.shape, generator=torch.Generator().manual_seed(1))
+    full = _loss_and_grads(full_linear_cross_entropy, hidden, weight, labels, grad_out)
+    chunked = _loss_and_grads(
+        lambda h, w, y: chunked_linear_cross_entropy(h, w, y, chunk_tokens=chunk), hidden, weight, labels, grad_out
+    )
+    rel = ((chunked[0].sum() - full[0].sum()).abs() / full[0].sum().abs()).item()
+    assert rel <= 1e-6, rel
+    assert (chunked[0] - full[0]).abs().max().item() <= 1e-5 * full[0].abs().max().item()
+    assert (chunked[1] - full[1]).abs().max().item() <= 1e-5
+    assert (chunked[2] - full[2]).abs().max().item() <= 1e-5
+    assert full[2].abs().max() > 1e-2  # gradients are not trivially tiny
+
+
+def test_chunked_matches_float64_reference():
+    """Independent reference: log-softmax in float64."""
+    hidden, weight, labels = _inputs(n=50, v=300, seed=3)
+    ours = chunked_linear_cross_entropy(hidden, weight, labels, chunk_tokens=16).detach().double()
+    logits = hidden.detach().double() @ weight.detach().double().t()
+    ref = -torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_chunked_bf16_close_to_fp32():
+    hidden, weight, labels = _inputs(n=128, v=500, seed=4)
+    ref = full_linear_cross_entropy(hidden, weight, labels).detach()
+    h16, w16 = hidden.detach().bfloat16().requires_grad_(), weight.detach().bfloat16().requires_grad_()
+    ours = chunked_linear_cross_entropy(h16, w16, labels, chunk_tokens=32)
+    ours.sum().backward()
+    assert ours.dtype == torch.float32 and h16.grad.dtype == torch.bfloat16 and w16.grad.dtype == torch.bfloat16
+    assert ((ours.detach() - ref).abs().max() / ref.abs().max()).item() < 2e-2
+
+
+# ---- vocabulary parallel (TP = 2 over gloo) ------------------------------------------------
+
+
+def _tp_worker(rank: int, world: int, port: int, out_path: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    hidden, weight, labels = _inputs(n=90, v=1000, seed=7)
+    rows = weight.size(0) // world
+    w_local = weight.detach()[rank * rows : (rank + 1) * rows].clone().requires_grad_()
+    h = hidden.detach().clone().requires_grad_()
+    shard = VocabShard(start=rank * rows, group=dist.group.WORLD)
+    loss = chunked_linear_cross_entropy(h, w_local, labels, chunk_tokens=25, shard=shard)
+    loss.sum().backward()
+    torch.save({"loss": loss.detach(), "grad_h": h.grad, "grad_w": w_local.grad}, f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_vocab_parallel_chunked_equals_full(tmp_path):
+    from model_fixtures import _free_port
+
+    out = str(tmp_path / "tp")
+    mp.spawn(_tp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    hidden, weight, labels = _inputs(n=90, v=1000, seed=7)
+    full = _loss_and_grads(full_linear_cross_entropy, hidden, weight, labels, torch.ones(90))
+    parts = [torch.load(f"{out}.{r}") for r in range(2)]
+    for p in parts:  # every TP rank sees the full per-token loss
+        assert (p["loss"] - full[0]).abs().max().item() <= 1e-5
+    # the caller's TP region mapping all-reduces the hidden gradient: sum of the partials
+    assert (parts[0]["grad_h"] + parts[1]["grad_h"] - full[1]).abs().max().item() <= 1e-5
+    assert (torch.cat([p["grad_w"] for p in parts]) - full[2]).abs().max().item() <= 1e-5
+
+
+# ---- through the model: output_processor vs megatron's own loss ----------------------------
+
+
+@pytest.fixture(scope="module")
+def megatron():
+    from model_fixtures import init_megatron_single_process
+
+    init_megatron_single_process()
+
+
+def _model_grads(model, batch, loss_impl):
+    from prolong_nemo.training.forward_step import StepOptions, run_model
+
+    model.zero_grad(set_to_none=True)
+    per_token = run_model(model, batch, StepOptions(loss_impl, chunk_tokens=37))
+    loss_sum, n, _ = masked_token_loss(batch["loss_mask"], per_token)
+    (loss_sum / n).backward()
+    return per_token.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def test_output_processor_equals_fused_model_loss(megatron):
+    from model_fixtures import collate_row, make_row, tiny_arch
+
+    from prolong_nemo.model.builder import build_gpt_model
+
+    arch = tiny_arch()
+    model = build_gpt_model(arch, 256, backend="local")
+    batch = collate_row(make_row([40, 70, 25], arch.vocab_size, seed=11))
+    fused_loss, fused_grads = _model_grads(model, batch, "fused")
+    chunk_loss, chunk_grads = _model_grads(model, batch, "chunked")
+    assert fused_loss.shape == chunk_loss.shape == batch["tokens"].shape
+    assert (fused_loss - chunk_loss).abs().max().item() <= 1e-5
+    for name, g in fused_grads.items():
+        assert (g - chunk_grads[name]).abs().max().item() <= 1e-5, name
+
+
+# ---- per-token averaging across micro-batches ----------------------------------------------
+
+
+def test_per_token_loss_is_global_token_mean_across_micro_batches(megatron):
+    """Two micro-batches with very different target counts: megatron's schedule + our
+    finalize must give the gradient of (sum of all token losses) / (all tokens), not the
+    mean of per-micro-batch means."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from model_fixtures import collate_row, make_row, tiny_arch
+
+    from prolong_nemo.model.builder import build_gpt_model
+    from prolong_nemo.model.loss import global_token_mean
+    from prolong_nemo.training.cpu_runner import finalize_grads
+    from prolong_nemo.training.forward_step import StepOptions, make_forward_step, run_model
+
+    arch = tiny_arch()
+    model = build_gpt_model(arch, 256, backend="local")
+    model.config.finalize_model_grads_func = finalize_grads
+    batches = [
+        collate_row(make_row([12], arch.vocab_size, seed=1)),  # 11 targets
+        collate_row(make_row([100, 60], arch.vocab_size, seed=2)),  # 158 targets
+    ]
+    model.zero_grad(set_to_none=True)
+    reports = get_forward_backward_func()(
+        forward_step_func=make_forward_step(StepOptions("chunked", chunk_tokens=50)),
+        data_iterator=iter(batches), model=[model], num_microbatches=2, seq_length=256,
+        micro_batch_size=1, forward_only=False,
+    )
+    scheduled = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    model.zero_grad(set_to_none=True)
+    losses = [run_model(model, b, StepOptions("fused")) for b in batches]
+    total = sum((l * b["loss_mask"]).sum() for l, b in zip(losses, batches))
+    count = sum(b["loss_mask"].sum() for b in batches)
+    (total / count).backward()
+    assert count.item() == 11 + 158
+    assert abs(global_token_mean(reports) - (total / count).item()) <= 1e-6
+    for name, p in model.named_parameters():
+        assert (scheduled[name] - p.grad).abs().max().item() <= 1e-6, name
+    # and it is not the mean of micro-batch means (the test can tell them apart)
+    per_mb = [(l * b["loss_mask"]).sum() / b["loss_mask"].sum() for l, b in zip(losses, batches)]
+    assert abs(sum(per_mb).item() / 2 - (total / count).item()) > 1e-3
