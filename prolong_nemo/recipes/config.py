@@ -19,7 +19,7 @@ Stage = Literal["64k", "512k", "sft"]
 InitMode = Literal["none", "weights", "weights_and_optimizer"]
 STAGES: tuple[str, ...] = ("64k", "512k", "sft")
 INIT_MODES: tuple[str, ...] = ("none", "weights", "weights_and_optimizer")
-LOSS_IMPLS: tuple[str, ...] = ("chunked", "fused", "plain")
+LOSS_IMPLS: tuple[str, ...] = ("chunked", "fused")
 RECOMPUTE: tuple[str, ...] = ("full", "selective", "none")
 
 

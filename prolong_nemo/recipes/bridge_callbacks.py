@@ -1,0 +1,78 @@
+"""Megatron-Bridge callbacks of the ProLong recipes (Bridge >= 0.5 for `on_data_init_start`).
+
+- `StageChainCallback`: stage 512K starts from stage 64K's weights AND Adam state with a fresh
+  step count, data position and LR schedule. Bridge loads the checkpoint in `setup()`; this
+  event fires right after, before the data loaders are built from `consumed_train_samples`.
+- `ProgressLogCallback`: one line per log interval with progress, ETA, global tokens/s, model
+  TFLOP/s per GPU, peak memory and the lm loss (the global per-token mean).
+
+Only `megatron.bridge.training.callbacks` is imported, a module without heavy dependencies.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from megatron.bridge.training.callbacks import Callback, CallbackContext
+
+from prolong_nemo.recipes.bridge_spec import TRAIN_STATE_COUNTERS, ProgressMeter, restart_schedule
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+class StageChainCallback(Callback):
+    """Restart step, consumed samples and LR schedule after loading the previous stage."""
+
+    def __init__(self, init_from: str, schedule: dict, log=print) -> None:
+        self.init_from = init_from
+        self.schedule = dict(schedule)  # bridge_spec.schedule_of(recipe)
+        self.log = log
+        self.applied = False
+
+    def on_data_init_start(self, context: CallbackContext) -> None:
+        cfg = getattr(context.state, "cfg", None)
+        loaded = getattr(getattr(cfg, "checkpoint", None), "load", self.init_from)
+        if loaded != self.init_from:  # only the first start of a chained stage resets anything
+            raise RuntimeError(f"StageChainCallback expects checkpoint.load={self.init_from!r}, got {loaded!r}")
+        train_state = context.state.train_state
+        previous = train_state.step
+        for name in TRAIN_STATE_COUNTERS:
+            setattr(train_state, name, 0)
+        restart_schedule(context.scheduler, context.optimizer, **self.schedule)
+        self.applied = True
+        if _rank() == 0:
+            self.log(f"[prolong] loaded {self.init_from} at its step {previous}: weights and Adam state kept, "
+                     f"step, consumed samples and LR schedule restarted at 0")
+
+
+class ProgressLogCallback(Callback):
+    """Progress, ETA, tokens/s, model TFLOP/s per GPU, memory and lm loss, every `interval` steps."""
+
+    def __init__(self, meter: ProgressMeter, interval: int = 1, log=print) -> None:
+        self.meter = meter
+        self.interval = max(1, interval)
+        self.log = log
+        self._step_started: float | None = None
+
+    def on_train_step_start(self, context: CallbackContext) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_step_end(self, context: CallbackContext) -> None:
+        step = context.state.train_state.step + 1  # Bridge increments the step after this event
+        if step % self.interval and step != self.meter.total_steps:
+            return
+        loss = (context.loss_dict or {}).get("lm loss")
+        if loss is None:  # not the last pipeline stage: it has no loss to report
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        seconds = now - (self._step_started if self._step_started is not None else now)
+        memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        lr = context.optimizer.param_groups[0]["lr"] if context.optimizer is not None else None
+        line = self.meter.line(step, float(loss), seconds, memory, lr=float(lr) if lr is not None else None, now=now)
+        if _rank() == (torch.distributed.get_world_size() - 1 if torch.distributed.is_initialized() else 0):
+            self.log(f"[prolong] {line}")
