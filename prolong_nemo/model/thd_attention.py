@@ -16,7 +16,8 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
-from torch.nn import functional as F
+
+from prolong_nemo.model.packed_attention import causal_attention, packed_causal_attention
 
 
 def segment_bounds(packed_seq_params) -> list[int]:
@@ -25,29 +26,6 @@ def segment_bounds(packed_seq_params) -> list[int]:
     if cu is None:
         cu = packed_seq_params.cu_seqlens_q
     return [int(x) for x in cu.tolist()]
-
-
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """q [L, nq, d], k/v [L, nkv, d] -> [L, nq, d]: causal GQA attention of one segment."""
-    group = q.size(1) // k.size(1)
-    # Megatron query groups are contiguous blocks of heads: repeat_interleave matches.
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale
-    )
-    return out.transpose(0, 1)
-
-
-def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, bounds: list[int], scale: float) -> Tensor:
-    """THD q [T, nq, d], k/v [T, nkv, d]; attention restricted to [bounds[i], bounds[i+1])."""
-    if bounds[0] != 0 or bounds[-1] != q.size(0):
-        raise ValueError(f"cu_seqlens must run from 0 to T={q.size(0)}, got {bounds[0]}..{bounds[-1]}")
-    out = torch.empty_like(q)
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:
-            out[start:end] = causal_attention(q[start:end], k[start:end], v[start:end], scale)
-    return out
 
 
 class ThdDotProductAttention(MegatronModule):
