@@ -1,9 +1,13 @@
 """The forward step shared by the CPU runner and the Megatron-Bridge entry.
 
 Consumes the packed batch of docs/batch-contract.md (micro-batch size 1), builds THD
-`PackedSeqParams`, partitions the row per document for context parallelism (unless the
-caller already did, as Megatron-Bridge does), runs the model with the chosen loss path and
-returns megatron's `(output_tensor, loss_func)` pair.
+`PackedSeqParams`, partitions the row per document for context parallelism, runs the model
+with the chosen loss path and returns megatron's `(output_tensor, loss_func)` pair.
+
+Megatron-Bridge's stock `gpt_step` partitions packed batches inside its own `get_batch`;
+a Bridge run that passes THIS forward step to `pretrain` bypasses that, so partitioning
+stays on by default. Turn `partition_for_cp` off only when the data iterator already yields
+this rank's tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from prolong_nemo.model.loss import ChunkedLossProcessor, LossImpl, masked_token
 class StepOptions:
     loss_impl: LossImpl = "chunked"
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-    # Megatron-Bridge partitions packed batches for CP itself: it passes False.
+    # False only when batches arrive already split for this CP rank.
     partition_for_cp: bool = True
 
 
