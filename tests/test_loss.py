@@ -111,11 +111,11 @@ def megatron():
     init_megatron_single_process()
 
 
-def _model_grads(model, batch, loss_impl):
+def _model_grads(model, batch, loss_impl, hook=None):
     from prolong_nemo.training.forward_step import StepOptions, run_model
 
     model.zero_grad(set_to_none=True)
-    per_token = run_model(model, batch, StepOptions(loss_impl, chunk_tokens=37))
+    per_token = run_model(model, batch, StepOptions(loss_impl, chunk_tokens=37, use_output_processor=hook))
     loss_sum, n, _ = masked_token_loss(batch["loss_mask"], per_token)
     (loss_sum / n).backward()
     return per_token.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -130,11 +130,15 @@ def test_output_processor_equals_fused_model_loss(megatron):
     model = build_gpt_model(arch, 256, backend="local")
     batch = collate_row(make_row([40, 70, 25], arch.vocab_size, seed=11))
     fused_loss, fused_grads = _model_grads(model, batch, "fused")
-    chunk_loss, chunk_grads = _model_grads(model, batch, "chunked")
-    assert fused_loss.shape == chunk_loss.shape == batch["tokens"].shape
-    assert (fused_loss - chunk_loss).abs().max().item() <= 1e-5
-    for name, g in fused_grads.items():
-        assert (g - chunk_grads[name]).abs().max().item() <= 1e-5, name
+    assert fused_loss.abs().max() > 1.0
+    # through the output_processor hook, and the fallback for megatron-core < 0.19
+    for hook in (True, False):
+        chunk_loss, chunk_grads = _model_grads(model, batch, "chunked", hook=hook)
+        assert fused_loss.shape == chunk_loss.shape == batch["tokens"].shape
+        assert (fused_loss - chunk_loss).abs().max().item() <= 1e-5
+        for name, g in fused_grads.items():
+            assert (g - chunk_grads[name]).abs().max().item() <= 1e-5, (hook, name)
+    assert model.post_process  # the fallback restores the flag
 
 
 # ---- per-token averaging across micro-batches ----------------------------------------------

@@ -4,6 +4,7 @@ Both loss paths return the same thing, a per-token fp32 loss [b, s] (local token
 CP), so one loss function serves both:
 - "chunked": `ChunkedLossProcessor`, passed as `GPTModel.forward(output_processor=...)`
   (megatron-core >= 0.19): LM head + cross-entropy in token chunks, logits never whole.
+  Older megatron-core (NGC 26.06 ships 0.18): `chunked_loss_without_hook`, same math.
 - "fused": megatron's own output layer + `compute_language_model_loss` (native fused CE
   where `cross_entropy_loss_fusion` is on).
 
@@ -28,8 +29,7 @@ LossImpl = Literal["chunked", "fused"]
 
 def supports_output_processor(model) -> bool:
     """Whether the installed megatron-core GPTModel.forward has the `output_processor` hook."""
-    core = getattr(model, "module", model)
-    return "output_processor" in inspect.signature(type(core).forward).parameters
+    return "output_processor" in inspect.signature(type(unwrap_model(model)).forward).parameters
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,38 @@ class ChunkedLossProcessor:
             logits, _ = output_layer(hidden_states, weight=output_weight)
             return logits.transpose(0, 1).contiguous()
         weight = output_weight if output_weight is not None else output_layer.weight
-        hidden = _enter_vocab_parallel_region(hidden_states, output_layer)
+        # (a Float16Module wrapper may have cast hidden states to fp32 on the fallback path)
+        hidden = _enter_vocab_parallel_region(hidden_states.to(weight.dtype), output_layer)
         group = getattr(output_layer, "tp_group", None)
         rank = group.rank() if group is not None else 0
         shard = VocabShard(start=rank * weight.size(0), group=group)
         loss = chunked_linear_cross_entropy(hidden, weight, labels.transpose(0, 1), self.chunk_tokens, shard)
         return loss.transpose(0, 1).contiguous()
+
+
+def unwrap_model(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def chunked_loss_without_hook(model, tokens, position_ids, labels, packed_seq_params, chunk_tokens: int) -> Tensor:
+    """Chunked per-token loss for megatron-core versions without `output_processor` (< 0.19).
+
+    GPTModel returns the decoder's (final-normed) hidden states when `post_process` is off,
+    so the flag is lowered for this one call and the LM head + CE run chunked here.
+    """
+    core = unwrap_model(model)
+    core.post_process = False
+    try:
+        hidden = model(tokens, position_ids, None, packed_seq_params=packed_seq_params)
+    finally:
+        core.post_process = True
+    weight = core.shared_embedding_or_output_weight() if core.share_embeddings_and_output_weights else None
+    return ChunkedLossProcessor(chunk_tokens)(
+        hidden_states=hidden, output_layer=core.output_layer, output_weight=weight, labels=labels, config=core.config
+    )
 
 
 def _enter_vocab_parallel_region(hidden: Tensor, output_layer) -> Tensor:

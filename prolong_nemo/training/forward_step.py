@@ -12,6 +12,7 @@ this rank's tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
@@ -20,7 +21,13 @@ import torch
 
 from prolong_nemo.model.context_parallel import partition_batch_for_cp
 from prolong_nemo.model.cross_entropy import DEFAULT_CHUNK_TOKENS
-from prolong_nemo.model.loss import ChunkedLossProcessor, LossImpl, masked_token_loss, supports_output_processor
+from prolong_nemo.model.loss import (
+    ChunkedLossProcessor,
+    LossImpl,
+    chunked_loss_without_hook,
+    masked_token_loss,
+    supports_output_processor,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,8 @@ class StepOptions:
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     # False only when batches arrive already split for this CP rank.
     partition_for_cp: bool = True
+    # None: megatron-core's output_processor hook where the installed version has it.
+    use_output_processor: bool | None = None
 
 
 def packed_seq_params(batch: dict[str, torch.Tensor]):
@@ -65,10 +74,16 @@ def run_model(model, batch: dict[str, torch.Tensor], options: StepOptions = Step
     """Per-token loss [1, T_local] of one micro-batch (CP-local tokens)."""
     if options.partition_for_cp:
         batch = partition_batch_for_cp(batch, *_cp_size_rank())
-    kwargs = dict(labels=batch["labels"], packed_seq_params=packed_seq_params(batch))
+    params = packed_seq_params(batch)
+    kwargs = dict(labels=batch["labels"], packed_seq_params=params)
     if options.loss_impl == "chunked":
-        if not supports_output_processor(model):
-            raise RuntimeError("chunked loss needs megatron-core >= 0.19 (GPTModel output_processor)")
+        hook = options.use_output_processor
+        if hook is None:
+            hook = supports_output_processor(model)
+        if not hook:
+            return chunked_loss_without_hook(
+                model, batch["tokens"], batch["position_ids"], batch["labels"], params, options.chunk_tokens
+            )
         kwargs.update(loss_mask=batch["loss_mask"], output_processor=ChunkedLossProcessor(options.chunk_tokens))
     elif options.loss_impl != "fused":
         raise ValueError(f"unknown loss_impl {options.loss_impl!r}")
@@ -82,7 +97,7 @@ def forward_step(data_iterator: Iterator, model, options: StepOptions = StepOpti
     batch = _to_device(next(data_iterator), device)
     if options.partition_for_cp:
         batch = partition_batch_for_cp(batch, *_cp_size_rank())
-    output = run_model(model, batch, StepOptions(options.loss_impl, options.chunk_tokens, partition_for_cp=False))
+    output = run_model(model, batch, dataclasses.replace(options, partition_for_cp=False))
     return output, partial(masked_token_loss, batch["loss_mask"])
 
 
