@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
@@ -166,15 +167,9 @@ def recipe_memory(recipe: RecipeConfig) -> MemoryEstimate:
 # Software versions
 # ---------------------------------------------------------------------------------------------
 def parse_version(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    parts = []
-    for piece in str(text).replace("+", ".").replace("-", ".").split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits or not piece[0].isdigit():
-            break
-        parts.append(int(digits))
-    return tuple(parts) or None
+    """The leading release numbers: "2.16.0+cu13" -> (2, 16, 0), "0.19.0rc1" -> (0, 19, 0)."""
+    match = re.match(r"\s*v?(\d+(?:\.\d+)*)", str(text)) if text else None
+    return tuple(int(p) for p in match.group(1).split(".")) if match else None
 
 
 def cudnn_version_tuple(number: int | None) -> tuple[int, int, int] | None:
