@@ -11,11 +11,11 @@ Patched (megatron-core 0.17-0.19):
 - the RNG tracker (`CudaRNGStatesTracker.add/fork`) and the activation-checkpoint RNG
   save/restore (`_get_cuda_rng_state` / `_set_cuda_rng_state`) use CUDA generators; on CPU
   the tracker keeps named CPU generator states instead, so forked regions stay reproducible.
-- three modules create bookkeeping tensors on CUDA or call `torch.cuda.synchronize()`
+- four modules create tensors explicitly on CUDA or call `torch.cuda.synchronize()`
   (`pipeline_parallel.schedules`: the per-token-loss token counter; the dist-checkpoint
-  saver and async filesystem writer: status flags, synchronize): those modules, and only
-  those, see a `torch` whose explicit CUDA allocations land on the CPU
-  (`_CPU_DEVICE_MODULES`).
+  saver and async filesystem writer: status flags, synchronize; `tensor_parallel.mappings`:
+  sequence-parallel gather/scatter outputs): those modules, and only those, see a `torch`
+  whose explicit CUDA allocations land on the CPU (`_CPU_DEVICE_MODULES`).
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ _CPU_DEVICE_MODULES = (
     "megatron.core.pipeline_parallel.schedules",  # token counter: zeros(device="cuda")
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # status flags on CUDA
     "megatron.core.dist_checkpointing.strategies.filesystem_async",  # cuda.synchronize()
+    "megatron.core.tensor_parallel.mappings",  # sequence-parallel gather/scatter buffers
 )
 
 
