@@ -59,7 +59,7 @@ class ProLongDatasetProvider(DatasetProvider):
             domains=self.domains, seq_length=self.seq_length, seed=self.seed,
             document_masking=self.document_masking, cp_size=self.cp_size, tp_size=self.tp_size,
             sequence_parallel=self.sequence_parallel, vocab_size=self.vocab_size, cache_dir=self.cache_dir,
-            train_samples=context.train_samples, valid_samples=context.valid_samples,
+            instruction_masks=self.instruction_masks, train_samples=context.train_samples, valid_samples=context.valid_samples,
             test_samples=context.test_samples)
         return train, valid, test
 

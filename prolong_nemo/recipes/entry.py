@@ -123,7 +123,7 @@ def cpu_dataset(recipe: RecipeConfig, synthetic: bool = False):
     train, _, _ = build_prolong_datasets(
         domains=f["domains"], seq_length=f["seq_length"], seed=f["seed"], document_masking=f["document_masking"],
         cp_size=f["cp_size"], tp_size=f["tp_size"], sequence_parallel=f["sequence_parallel"],
-        vocab_size=f["vocab_size"], cache_dir=f["cache_dir"],
+        vocab_size=f["vocab_size"], cache_dir=f["cache_dir"], instruction_masks=f["instruction_masks"],
         train_samples=recipe.train.steps * recipe.train.global_batch_size)
     return train
 
