@@ -282,7 +282,12 @@ def _counted(records: Iterator[RawRecord], stats: TokenizeStats) -> Iterator[Raw
 
 def tokenize_files(inputs: Sequence[Path], out_dir: Path, opts: TokenizeOptions = TokenizeOptions(), *,
                    overwrite: bool = False, progress: bool = True) -> TokenizeStats:
-    """Tokenize files (or folders of files) into one raw-document MDS folder `out_dir`."""
+    """Tokenize files (or folders of files) into one raw-document MDS folder `out_dir`.
+
+    With ``opts.workers > 1`` the workers are *spawned* (the caller may hold threads, which fork
+    does not copy safely): each re-imports the caller's ``__main__``, so scripts need the usual
+    ``if __name__ == "__main__":`` guard and a light main module. Output order never depends on it.
+    """
     from streaming import MDSWriter
     from tqdm import tqdm
 
