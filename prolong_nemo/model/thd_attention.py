@@ -4,8 +4,9 @@ megatron-core's local `DotProductAttention` rejects `PackedSeqParams`. This modu
 drop-in `core_attention` for the local layer spec: it attends causally inside each
 segment given by cu_seqlens and never across segments. It is the exact CPU reference (and
 works on a CUDA machine without TE: each segment runs through torch's SDPA, which picks
-the flash / memory-efficient kernel there). It has no parameters, so checkpoints are the
-same as with the TE spec.
+the flash / memory-efficient kernel there). Under context parallelism it gathers K/V and
+stays exact (cp_attention.py). It has no parameters, so checkpoints are the same as with
+the TE spec.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
+from prolong_nemo.model.cp_attention import cp_packed_causal_attention
 from prolong_nemo.model.packed_attention import causal_attention, packed_causal_attention
 
 
@@ -26,6 +28,14 @@ def segment_bounds(packed_seq_params) -> list[int]:
     if cu is None:
         cu = packed_seq_params.cu_seqlens_q
     return [int(x) for x in cu.tolist()]
+
+
+def _cp_group(pg_collection):
+    if pg_collection is not None and getattr(pg_collection, "cp", None) is not None:
+        return pg_collection.cp
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_group()
 
 
 class ThdDotProductAttention(MegatronModule):
@@ -43,8 +53,8 @@ class ThdDotProductAttention(MegatronModule):
         pg_collection=None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("context parallel attention needs Transformer Engine (TE layer spec)")
+        # CP > 1 takes the gather-based reference path (cp_attention.py); TE's ring is the fast one.
+        self.cp_group = _cp_group(pg_collection) if config.context_parallel_size > 1 else None
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"only causal attention is implemented, got {attn_mask_type}")
         if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
@@ -67,8 +77,14 @@ class ThdDotProductAttention(MegatronModule):
             raise ValueError("attention_bias is not supported")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             # THD: [T, heads, d] -> [T, heads * d]
-            out = packed_causal_attention(query, key, value, segment_bounds(packed_seq_params), self.scale)
+            bounds = segment_bounds(packed_seq_params)
+            if self.cp_group is not None:
+                out = cp_packed_causal_attention(query, key, value, bounds, self.scale, self.cp_group)
+            else:
+                out = packed_causal_attention(query, key, value, bounds, self.scale)
             return out.reshape(out.size(0), -1)
+        if self.cp_group is not None:
+            raise ValueError("context parallelism without TE needs packed (THD) batches")
         if attention_mask is not None:
             raise ValueError("explicit attention masks are not supported; pass PackedSeqParams")
         # SBHD: [S, B, heads, d]; every batch row is one causal sequence.
