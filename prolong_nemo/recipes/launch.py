@@ -113,6 +113,7 @@ def build_executor(spec: LaunchSpec, *, ssh_host: str | None = None):
         account=c.slurm.account,
         partition=c.slurm.partition,
         time=c.slurm.time,
+        job_name_prefix=c.slurm.job_name_prefix,
         nodes=c.nodes,
         ntasks_per_node=c.gpus_per_node,  # the torchrun launcher turns this into --nproc-per-node
         gpus_per_node=c.gpus_per_node,
