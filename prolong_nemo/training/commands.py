@@ -34,6 +34,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-file", default=None, help="append one JSON line per step (full-precision loss)")
     parser.add_argument("--log-interval", type=int, default=d.log_interval)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--cp", type=int, default=d.cp, help="context parallel size (launch with torchrun --nproc-per-node)")
     parser.set_defaults(func=run)
 
 
@@ -49,7 +50,7 @@ def load_dataset(args: argparse.Namespace, cfg: TrainConfig):
         from prolong_nemo.training.synthetic import ArithmeticDocuments
 
         vocab = preset(cfg.preset).vocab_size
-        return ArithmeticDocuments(vocab_size=vocab, row_tokens=args.row_tokens, seed=cfg.seed)
+        return ArithmeticDocuments(vocab_size=vocab, row_tokens=args.row_tokens, seed=cfg.seed, cp_size=cfg.cp)
     raise SystemExit(
         f"--data {args.data!r}: only 'synthetic' is wired into the CPU runner so far; "
         "packed MDS rows come through prolong_nemo.data.dataset (any indexable of contract rows works "

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from prolong_nemo.model.config import preset
 from prolong_nemo.model.cross_entropy import DEFAULT_CHUNK_TOKENS
 from prolong_nemo.model.loss import LossImpl, global_token_mean
+from prolong_nemo.model.megatron_config import ParallelSizes
 from prolong_nemo.training.forward_step import StepOptions, make_forward_step
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -53,6 +54,7 @@ class TrainConfig:
     metrics_file: str | None = None  # JSON lines, one per step, full-precision loss
     log_interval: int = 1
     seed: int = 1234
+    cp: int = 1  # context parallel size (processes via torchrun; rows must be padded for it)
 
 
 @dataclass
@@ -131,7 +133,7 @@ def build_state(cfg: TrainConfig) -> TrainState:
 
     arch = preset(cfg.preset) if cfg.rope_theta is None else preset(cfg.preset, rope_theta=cfg.rope_theta)
     torch.manual_seed(cfg.seed)
-    model = build_gpt_model(arch, cfg.seq_length, backend="local")
+    model = build_gpt_model(arch, cfg.seq_length, backend="local", parallel=ParallelSizes(cp=cfg.cp))
     model.config.finalize_model_grads_func = finalize_grads
     # megatron's convention: no weight decay on norms and biases (1-D parameters).
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -250,7 +252,9 @@ def format_log(record: StepRecord, cfg: TrainConfig, state: TrainState, elapsed:
 
 def train(cfg: TrainConfig, dataset: Sequence, collate: Callable, log: Callable[[str], None] = print) -> TrainState:
     """Train (resuming from cfg.save_dir when it holds a checkpoint); returns the final state."""
-    init_distributed(seed=cfg.seed)
+    init_distributed(cp=cfg.cp, seed=cfg.seed)
+    if dist.get_rank() != 0:
+        log = lambda _line: None  # noqa: E731 - one log stream per run
     state = build_state(cfg)
     if cfg.save_dir and load_checkpoint(cfg.save_dir, state):
         log(f"resumed from {cfg.save_dir} at step {state.step} ({state.consumed_samples} samples)")
