@@ -22,7 +22,9 @@ sample's first document. Packing is sequential, i.e. the reference run with one 
 Deliberate differences from the reference, none of which changes a packed token: empty documents
 are skipped instead of producing zero-length segments; the instruction ``mask`` of an inserted
 BOS/EOS/middle token is 0 (the reference writes the token id into the mask column); every dropped
-token is counted in :class:`PackStats` instead of disappearing silently.
+token is counted in :class:`PackStats` instead of disappearing silently; with both
+``split_by_domain`` and ``split_lengths`` every (domain, chunk length) subset has its own buffer
+(the reference keys its split buffers by chunk length only, mixing domains in one sample).
 """
 
 from __future__ import annotations
@@ -315,6 +317,10 @@ def find_mds_dirs(path: Path) -> list[Path]:
     return found
 
 
+def count_samples(mds_dir: Path) -> int:
+    return sum(int(s["samples"]) for s in json.loads((Path(mds_dir) / "index.json").read_text())["shards"])
+
+
 def read_columns(mds_dir: Path) -> dict[str, str]:
     """Column name -> MDS encoding of a dataset folder (from the first shard's index entry)."""
     shards = json.loads((Path(mds_dir) / "index.json").read_text())["shards"]
@@ -403,7 +409,7 @@ def pack_mds(inputs: Sequence[Path], out_dir: Path, options: PackOptions, *,
     packer, writers = Packer(options), SubsetWriters(Path(out_dir), with_mask)
     try:
         docs = tqdm(iter_raw_documents(mds_dirs), desc="pack", unit="doc", disable=not progress,
-                    mininterval=1.0)
+                    mininterval=1.0, total=sum(map(count_samples, mds_dirs)))
         for doc in docs:
             for subset, sample in packer.add(doc):
                 writers.write(subset, sample)
