@@ -263,3 +263,28 @@ def test_refuses_mixed_mask_inputs_and_existing_output(tmp_path):
     with pytest.raises(FileExistsError):
         pack_mds([tmp_path / "plain"], tmp_path / "out", PackOptions(pack_length=8))
     pack_mds([tmp_path / "plain"], tmp_path / "out", PackOptions(pack_length=8), overwrite=True, progress=False)
+
+
+def test_megatron_mixture_over_packed_subsets(tmp_path):
+    """The whole adapter stack (Mixture -> Megatron BlendedDataset -> rows) reads packer output."""
+    from prolong_nemo.data.dataset import build_datasets, collate, dataset_config
+    from prolong_nemo.data.mixture import Mixture
+
+    docs = random_docs(seed=9, n=60, max_len=400, domains=("book", "web"))
+    write_raw(tmp_path / "raw", docs)
+    opts = PackOptions(pack_length=128, split_by_domain=True, bos_id=BOS, eos_id=EOS)
+    stats = pack_mds([tmp_path / "raw"], tmp_path / "packed", opts, progress=False)
+    expected, _ = pack_documents(docs, opts)
+    by_subset = {s: [p for sub, p in expected if sub == s] for s in ("book", "web")}
+    assert stats.samples_out == {s: len(v) for s, v in by_subset.items()}
+    mixture = Mixture.parse({str(tmp_path / "packed" / "book"): 0.6, str(tmp_path / "packed" / "web"): 0.4})
+    train, *_ = build_datasets(dataset_config(mixture, sequence_length=128), [12, 0, 0])
+    for i in range(12):
+        dataset_id, sample_id = train.dataset_index[i], train.dataset_sample_index[i]
+        domain_ds = train.datasets[dataset_id]
+        packed = by_subset[Path(domain_ds.dataset_path).name][domain_ds.sample_index(sample_id)]
+        batch = collate([train[i]])
+        real = [(a, b) for a, b in packed.indices.tolist() if b - a > 1]
+        assert int(batch["loss_mask"].sum()) == sum(b - a - 1 for a, b in real)
+        assert sorted(batch["tokens"][0][batch["tokens"][0] != 0].tolist()) == sorted(
+            t for a, b in real for t in packed.input_ids[a:b].tolist() if t != 0)
