@@ -178,6 +178,17 @@ def test_mask_inserted_tokens_are_zero():
     assert sample.mask.tolist() == [0, 1, 1, 1, 1, 1, 1, 0, 0, 1]
 
 
+def test_mask_consistency_is_enforced():
+    plain = Document(np.arange(1, 5, dtype=np.uint32), "d")
+    masked = Document(np.arange(1, 5, dtype=np.uint32), "d", np.ones(4, dtype=np.uint8))
+    with pytest.raises(ValueError, match="lacks a mask"):
+        pack_documents([masked, plain], PackOptions(pack_length=4))
+    with pytest.raises(ValueError, match="has a mask"):
+        pack_documents([plain, masked], PackOptions(pack_length=4))
+    with pytest.raises(ValueError, match="mask length 3"):
+        pack_documents([Document(masked.input_ids, "d", np.ones(3, dtype=np.uint8))], PackOptions(pack_length=4))
+
+
 def test_invalid_options():
     with pytest.raises(ValueError):
         PackOptions(pack_length=8, min_length=0)

@@ -246,6 +246,7 @@ class Packer:
         self.options = options
         self.stats = PackStats()
         self.buffers: dict[str, PackBuffer] = {}
+        self.with_mask: bool | None = None  # fixed by the first document: samples share one column set
 
     def buffer(self, subset: str) -> PackBuffer:
         if subset not in self.buffers:
@@ -253,6 +254,14 @@ class Packer:
         return self.buffers[subset]
 
     def add(self, doc: Document) -> Iterator[tuple[str, PackedSample]]:
+        if self.with_mask is None:
+            self.with_mask = doc.mask is not None
+        if self.with_mask != (doc.mask is not None):
+            raise ValueError(f"document {self.stats.documents_in} (domain {doc.domain!r}) "
+                             f"{'lacks' if self.with_mask else 'has'} a mask unlike the first document")
+        if doc.mask is not None and len(doc.mask) != len(doc.input_ids):
+            raise ValueError(f"document {self.stats.documents_in}: mask length {len(doc.mask)} != "
+                             f"{len(doc.input_ids)} tokens")
         self.stats.documents_in += 1
         self.stats.tokens_in += len(doc.input_ids)
         if len(doc.input_ids) == 0:
