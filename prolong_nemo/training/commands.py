@@ -1,7 +1,10 @@
-"""`prolong-nemo train`: the CPU runner (real megatron-core steps on CPU, gloo).
+"""`prolong-nemo train`: a recipe, or the CPU runner driven by flags.
 
-The Megatron-Bridge entry for GPU clusters uses the same forward step
-(`prolong_nemo.training.forward_step.make_forward_step`).
+- `prolong-nemo train <recipe> [hydra overrides]`: `prolong_nemo.recipes.entry.train_recipe`
+  (Megatron-Bridge under torchrun where available, otherwise the recipe's CPU miniature).
+- `prolong-nemo train --preset llama3-tiny ...` (no recipe): the CPU runner directly, real
+  megatron-core steps on CPU over gloo, synthetic packed data by default.
+Both use the same forward step (`prolong_nemo.training.forward_step.make_forward_step`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ from prolong_nemo.training.cpu_runner import TrainConfig
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    parser.description = "Train on CPU through megatron-core (small presets), with dist checkpoints and resume."
+    parser.description = "Train a recipe, or (without one) run the CPU runner on a small preset."
+    parser.add_argument("recipe", nargs="?", default=None, help="recipe name (see prolong_nemo.recipes); omit for flag mode")
+    parser.add_argument("overrides", nargs="*", help="recipe mode: Hydra overrides")
+    parser.add_argument("--backend", choices=("auto", "bridge", "cpu"), default="auto", help="recipe mode only")
+    parser.add_argument("--synthetic-data", action="store_true", help="recipe mode: synthetic rows instead of MDS")
     parser.add_argument("--preset", default=d.preset, help="model preset (prolong_nemo.model.config.PRESETS)")
     parser.add_argument("--rope-theta", type=float, default=None, help="override the preset's rope_theta")
     parser.add_argument("--data", default="synthetic", help="'synthetic' (arithmetic documents) or a packed MDS directory")
@@ -30,7 +37,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens)
     parser.add_argument("--save", dest="save_dir", default=None, help="checkpoint root (resumes from it when present)")
     parser.add_argument("--save-interval", type=int, default=d.save_interval)
-    parser.add_argument("--exit-after", type=int, default=None, help="stop after N steps of this run without saving (crash drill)")
+    parser.add_argument("--exit-after", type=int, default=None,
+                        help="stop after N steps (flag mode: without saving, a crash drill; recipe mode: saves first)")
     parser.add_argument("--metrics-file", default=None, help="append one JSON line per step (full-precision loss)")
     parser.add_argument("--log-interval", type=int, default=d.log_interval)
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -59,10 +67,20 @@ def load_dataset(args: argparse.Namespace, cfg: TrainConfig):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.recipe is not None:
+        from prolong_nemo.recipes.entry import train_recipe
+
+        return train_recipe(args.recipe, args.overrides, backend=args.backend, exit_after=args.exit_after,
+                            synthetic_data=args.synthetic_data)
+    if args.overrides:
+        raise SystemExit(f"overrides {args.overrides} need a recipe name first")
     from prolong_nemo.data.dataset import collate
     from prolong_nemo.training.cpu_runner import train
 
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        raise SystemExit(f"prolong-nemo train: {e}") from None
     if args.data == "synthetic" and args.row_tokens > cfg.seq_length:
         raise SystemExit(f"--row-tokens {args.row_tokens} exceeds --seq-length {cfg.seq_length}")
     train(cfg, load_dataset(args, cfg), collate, log=lambda line: print(line, flush=True))

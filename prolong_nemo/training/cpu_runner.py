@@ -56,6 +56,12 @@ class TrainConfig:
     seed: int = 1234
     cp: int = 1  # context parallel size (processes via torchrun; rows must be padded for it)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.warmup_iters < self.train_iters:
+            raise ValueError(f"warmup_iters {self.warmup_iters} must be in [0, train_iters={self.train_iters})")
+        if self.micro_batches < 1:
+            raise ValueError("micro_batches must be >= 1")
+
 
 @dataclass
 class StepRecord:
