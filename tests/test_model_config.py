@@ -96,3 +96,28 @@ def test_bridge_provider_matches_transformer_config():
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups", "layernorm_epsilon"):
         assert getattr(provider, name) == getattr(cfg, name)
     assert provider.rotary_base == ROPE_THETA_64K and provider.seq_length == 65536
+
+
+def test_bridge_provider_kwargs_are_gpt_model_provider_fields():
+    """Checked statically against Megatron-Bridge's source (pinned copy, when present)."""
+    import ast
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from prolong_nemo.model.megatron_config import bridge_provider_kwargs
+
+    site = Path(os.environ.get("PROLONG_BRIDGE_SITE", Path(__file__).resolve().parents[1] / ".venv/extras/bridge"))
+    source = site / "megatron/bridge/models/gpt_provider.py"
+    if not source.is_file():
+        pytest.skip("Megatron-Bridge source not available")
+    tree = ast.parse(source.read_text())
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "GPTModelProvider")
+    own = {s.target.id for s in cls.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
+    known = own | {f.name for f in dataclasses.fields(TransformerConfig)}
+    kwargs = bridge_provider_kwargs(preset("llama3-8b", rope_theta=ROPE_THETA_64K), 65536, layer_spec=object())
+    assert set(kwargs) <= known, set(kwargs) - known
+    assert kwargs["rotary_base"] == ROPE_THETA_64K and kwargs["seq_length"] == 65536
+    assert kwargs["share_embeddings_and_output_weights"] is False and kwargs["num_query_groups"] == 8

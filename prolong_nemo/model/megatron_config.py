@@ -115,19 +115,14 @@ def to_transformer_config(
     return TransformerConfig(**transformer_config_kwargs(arch, parallel, runtime))
 
 
-def to_bridge_provider(
+def bridge_provider_kwargs(
     arch: LlamaArch,
     seq_length: int,
     parallel: ParallelSizes = ParallelSizes(),
     runtime: RuntimeOptions = RuntimeOptions(use_cpu_initialization=False, fusions=True),
     layer_spec: Any = None,
-):
-    """A Megatron-Bridge `GPTModelProvider` (a TransformerConfig subclass) for the same model.
-
-    Only importable where Megatron-Bridge is installed (NGC containers).
-    """
-    from megatron.bridge.models.gpt_provider import GPTModelProvider
-
+) -> dict[str, Any]:
+    """Keyword arguments of Megatron-Bridge's `GPTModelProvider` (TransformerConfig + GPT fields)."""
     model = gpt_model_kwargs(arch, seq_length)
     kwargs = transformer_config_kwargs(arch, parallel, runtime)
     kwargs.update(
@@ -144,4 +139,20 @@ def to_bridge_provider(
         kwargs["rope_scaling_factor"] = model["rope_scaling_factor"]
     if layer_spec is not None:
         kwargs["transformer_layer_spec"] = layer_spec
-    return GPTModelProvider(**kwargs)
+    return kwargs
+
+
+def to_bridge_provider(
+    arch: LlamaArch,
+    seq_length: int,
+    parallel: ParallelSizes = ParallelSizes(),
+    runtime: RuntimeOptions = RuntimeOptions(use_cpu_initialization=False, fusions=True),
+    layer_spec: Any = None,
+):
+    """A Megatron-Bridge `GPTModelProvider` (a TransformerConfig subclass) for the same model.
+
+    Only importable where Megatron-Bridge is installed (NGC containers).
+    """
+    from megatron.bridge.models.gpt_provider import GPTModelProvider
+
+    return GPTModelProvider(**bridge_provider_kwargs(arch, seq_length, parallel, runtime, layer_spec))
