@@ -140,3 +140,20 @@ def test_launch_refuses_a_refused_plan(capsys):
     # parallel.cp=3 cannot run: refused before NeMo-Run is even imported
     assert main(["launch", "--executor", "slurm", "stage_512k", *SLURM_ARGS, "parallel.cp=3"]) == 2
     assert "not divisible by 2*cp=6" in capsys.readouterr().err
+
+
+def test_dockerfile_keeps_the_container_stack():
+    """Every pip install in the image is --no-deps, the stack is diffed, paths match launch."""
+    import re
+
+    text = (REPO / "Dockerfile").read_text()
+    joined = text.replace("\\\n", " ")
+    installs = re.findall(r"pip install[^&\n]*", joined)
+    assert len(installs) >= 4 and all("--no-deps" in cmd for cmd in installs), installs
+    assert "diff -u /tmp/stack-before.txt /tmp/stack-after.txt" in joined
+    base = re.search(r"ARG BASE_IMAGE=nvcr.io/nvidia/nemo:(\d+)\.(\d+)", text)
+    assert base and (int(base.group(1)), int(base.group(2))) >= (26, 4)
+    assert f"PROLONG_RECIPES_DIR={CONTAINER_ENTRY.rsplit('/', 1)[0]}" in joined
+    for src in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
+        for path in src.split():
+            assert (REPO / path).exists(), f"Dockerfile copies {path}, which is not in the repository"
