@@ -97,3 +97,16 @@ def test_packed_thd_with_cp_tail_padding_keeps_real_tokens_exact():
         with torch.no_grad():
             ref = hf(doc).logits
         assert (packed[:, a : a + n] - ref).abs().max().item() <= TOL
+
+
+def test_single_document_row_matches_hf():
+    """max_seqlen == T: megatron's THD RoPE takes its 'packed freqs' branch here."""
+    from prolong_nemo.training.forward_step import packed_seq_params
+
+    arch, hf, model = build_pair(ROPE_THETA_512K)
+    batch = collate_row(make_row([96], arch.vocab_size, seed=8))
+    assert int(batch["max_seqlen_q"][0]) == batch["tokens"].size(1)
+    with torch.no_grad():
+        packed = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed_seq_params(batch))
+        ref = hf(batch["tokens"]).logits
+    assert (packed - ref).abs().max().item() <= TOL

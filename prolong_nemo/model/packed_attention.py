@@ -18,10 +18,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     # Megatron query groups are contiguous blocks of heads: repeat_interleave matches.
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale
-    )
-    return out.transpose(0, 1)
+    # [1, heads, L, d]: 4-D so CUDA can pick the flash kernel (3-D inputs may fall back to
+    # the math kernel, which materializes L x L scores).
+    q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
+    return out.squeeze(0).transpose(0, 1)
 
 
 def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, bounds: list[int], scale: float) -> Tensor:
