@@ -83,7 +83,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             g.mul_(grad_loss[s : s + chunk, None])
             g = g.to(hidden.dtype)
             torch.matmul(g, weight, out=grad_hidden[s : s + chunk])
-            grad_weight.addmm_(g.t().float(), h.float())
+            if g.dtype == grad_weight.dtype:
+                grad_weight.addmm_(g.t(), h)
+            else:  # bf16 GEMM (fast), fp32 accumulation across chunks
+                grad_weight.add_(g.t() @ h)
             del g
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
