@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,17 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from prolong_nemo.data.mds import MASK_COLUMN, PACKED_COLUMNS, SHARD_SIZE_LIMIT
+from prolong_nemo.errors import DataError, UserError
+
 LLAMA3_BOS_ID = 128000
 LLAMA3_EOS_ID = 128001
-SHARD_SIZE_LIMIT = 1 << 26  # 64 MiB, as the published ProLong shards
-
-PACKED_COLUMNS = {
-    "input_ids": "ndarray:uint32",
-    "indices": "ndarray:uint32",
-    "length": "int",
-    "domain": "str",
-}
-MASK_COLUMN = ("mask", "ndarray:uint8")
 
 
 @dataclass(frozen=True)
@@ -67,12 +62,12 @@ class PackOptions:
 
     def __post_init__(self) -> None:
         if self.pack_length < 1:
-            raise ValueError(f"pack_length must be >= 1, got {self.pack_length}")
+            raise UserError(f"pack_length must be >= 1, got {self.pack_length}")
         if self.min_length < 1:
             # A zero-length carried tail would become an empty segment in `indices`.
-            raise ValueError(f"min_length must be >= 1, got {self.min_length}")
+            raise UserError(f"min_length must be >= 1, got {self.min_length}")
         if any(n < 1 for n in self.split_lengths):
-            raise ValueError(f"split lengths must be >= 1, got {self.split_lengths}")
+            raise UserError(f"split lengths must be >= 1, got {self.split_lengths}")
 
     @property
     def sorted_split_lengths(self) -> tuple[int, ...]:
@@ -257,10 +252,10 @@ class Packer:
         if self.with_mask is None:
             self.with_mask = doc.mask is not None
         if self.with_mask != (doc.mask is not None):
-            raise ValueError(f"document {self.stats.documents_in} (domain {doc.domain!r}) "
+            raise DataError(f"document {self.stats.documents_in} (domain {doc.domain!r}) "
                              f"{'lacks' if self.with_mask else 'has'} a mask unlike the first document")
         if doc.mask is not None and len(doc.mask) != len(doc.input_ids):
-            raise ValueError(f"document {self.stats.documents_in}: mask length {len(doc.mask)} != "
+            raise DataError(f"document {self.stats.documents_in}: mask length {len(doc.mask)} != "
                              f"{len(doc.input_ids)} tokens")
         self.stats.documents_in += 1
         self.stats.tokens_in += len(doc.input_ids)
@@ -346,7 +341,7 @@ def iter_raw_documents(mds_dirs: Sequence[Path]) -> Iterator[Document]:
     for mds_dir in mds_dirs:
         columns = read_columns(mds_dir)
         if "input_ids" not in columns:
-            raise ValueError(f"{mds_dir}: no `input_ids` column (columns: {sorted(columns)})")
+            raise DataError(f"{mds_dir}: no `input_ids` column (columns: {sorted(columns)})")
         data = LocalDataset(str(mds_dir))
         for i in range(len(data)):
             yield _to_document(data[i], mds_dir, i)
@@ -355,12 +350,12 @@ def iter_raw_documents(mds_dirs: Sequence[Path]) -> Iterator[Document]:
 def _to_document(sample: dict, mds_dir: Path, i: int) -> Document:
     ids = np.asarray(sample["input_ids"], dtype=np.uint32).reshape(-1)
     if "length" in sample and int(sample["length"]) != len(ids):
-        raise ValueError(f"{mds_dir} sample {i}: length {sample['length']} != len(input_ids) {len(ids)}")
+        raise DataError(f"{mds_dir} sample {i}: length {sample['length']} != len(input_ids) {len(ids)}")
     mask = sample.get("mask")
     if mask is not None:
         mask = np.asarray(mask, dtype=np.uint8).reshape(-1)
         if len(mask) != len(ids):
-            raise ValueError(f"{mds_dir} sample {i}: len(mask) {len(mask)} != len(input_ids) {len(ids)}")
+            raise DataError(f"{mds_dir} sample {i}: len(mask) {len(mask)} != len(input_ids) {len(ids)}")
     return Document(ids, str(sample.get("domain", "")), mask)
 
 
@@ -369,7 +364,7 @@ def has_mask_column(mds_dirs: Sequence[Path]) -> bool:
     flags = {d: "mask" in read_columns(d) for d in mds_dirs}
     if len(set(flags.values())) > 1:
         with_mask = [str(d) for d, f in flags.items() if f]
-        raise ValueError(f"only some inputs have a `mask` column ({with_mask}); pack them separately")
+        raise DataError(f"only some inputs have a `mask` column ({with_mask}); pack them separately")
     return bool(flags) and next(iter(flags.values()))
 
 
@@ -378,9 +373,7 @@ class SubsetWriters:
 
     def __init__(self, out_dir: Path, with_mask: bool) -> None:
         self.out_dir = Path(out_dir)
-        self.columns = dict(PACKED_COLUMNS)
-        if with_mask:
-            self.columns[MASK_COLUMN[0]] = MASK_COLUMN[1]
+        self.columns = dict(PACKED_COLUMNS) | (MASK_COLUMN if with_mask else {})
         self.writers: dict[str, object] = {}
 
     def write(self, subset: str, sample: PackedSample) -> None:
@@ -482,8 +475,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         stats = pack_mds(args.inputs, args.output, options, overwrite=args.overwrite,
                          progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}")
+    except (FileNotFoundError, FileExistsError) as err:  # UserError is reported by the CLI itself
+        print(f"error: {err}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
     print(stats.report())

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -35,11 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from prolong_nemo.data.mds import SHARD_SIZE_LIMIT
+from prolong_nemo.errors import UserError
+
 ASSISTANT = "assistant"
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 RAW_COLUMNS = {"input_ids": "ndarray:uint32", "length": "int", "domain": "str"}
-SHARD_SIZE_LIMIT = 1 << 26
-
 
 # llama_models.llama3.tokenizer limits (its encode() splits on these before calling tiktoken)
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
@@ -48,7 +50,7 @@ MAX_NO_WHITESPACES_CHARS = 25_000
 _LONG_RUN = re.compile(rf"\s{{{MAX_NO_WHITESPACES_CHARS + 1},}}|\S{{{MAX_NO_WHITESPACES_CHARS + 1},}}")
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """Malformed input; the message names the file and line."""
 
 
@@ -374,8 +376,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         stats = tokenize_files(args.inputs, args.output, opts, overwrite=args.overwrite,
                                progress=not args.no_progress)
-    except (InputError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}")
+    except (FileNotFoundError, FileExistsError) as err:  # InputError is reported by the CLI itself
+        print(f"error: {err}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
     print(stats.report())
