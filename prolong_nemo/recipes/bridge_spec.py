@@ -232,6 +232,9 @@ def bridge_sections(recipe: RecipeConfig, start: StartPoint) -> dict[str, dict[s
             load_optim=True,
             load_rng=not chain,
             fully_parallel_save=True,
+            # Optimizer state resharded on load: stage 512K reads stage 64K's Adam state with a
+            # different TP / CP / DP layout, and overridden layouts must keep resuming.
+            dist_ckpt_optim_fully_reshardable=True,
             async_save=False,
         ),
         "logger": dict(
