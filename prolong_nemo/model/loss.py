@@ -68,6 +68,8 @@ def chunked_loss_without_hook(model, tokens, position_ids, labels, packed_seq_pa
     so the flag is lowered for this one call and the LM head + CE run chunked here.
     """
     core = unwrap_model(model)
+    if not core.post_process:  # not the last pipeline stage: hidden states go to the next one
+        return model(tokens, position_ids, None, packed_seq_params=packed_seq_params)
     core.post_process = False
     try:
         hidden = model(tokens, position_ids, None, packed_seq_params=packed_seq_params)
