@@ -153,7 +153,7 @@ class _CpuDeviceTorch(types.ModuleType):
         return getattr(torch, name)
 
 
-# Modules whose only CUDA use is small bookkeeping tensors / synchronize calls.
+# Modules whose CUDA use is only explicit placement of tensors they create, or synchronize().
 _CPU_DEVICE_MODULES = (
     "megatron.core.pipeline_parallel.schedules",  # token counter: zeros(device="cuda")
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # status flags on CUDA
