@@ -91,6 +91,23 @@ def test_round_trip_is_bit_exact_and_records_target_rope(tmp_path):
     assert set(index["weight_map"]) == set(all_tensors(src))
 
 
+def test_copy_and_memory_paths_agree(tmp_path, monkeypatch):
+    """Export copies row blocks file-to-file when records are plain; the in-memory fallback
+    (records it cannot map, e.g. TP-split columns) must produce the same bytes."""
+    src = make_hf_model(tmp_path / "hf", rope_scaling=dict(LLAMA31_SCALING))
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    located = []
+    original = dcp_io.DistCheckpointReader.locate
+    monkeypatch.setattr(dcp_io.DistCheckpointReader, "locate",
+                        lambda self, *a: located.append(original(self, *a)) or located[-1])
+    megatron_to_hf(tmp_path / "mg", tmp_path / "fast", **quiet())
+    assert located and all(loc is not None for loc in located)
+    monkeypatch.setattr(dcp_io.DistCheckpointReader, "locate", lambda self, *a: None)
+    megatron_to_hf(tmp_path / "mg", tmp_path / "slow", **quiet())
+    assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "fast"))
+    assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "slow"))
+
+
 def test_megatron_layout_is_stacked_with_te_names(tmp_path):
     src = make_hf_model(tmp_path / "hf")
     hf_to_megatron(src, tmp_path / "mg", **quiet())
@@ -348,7 +365,7 @@ def test_export_refuses_a_config_that_does_not_match_the_weights(tmp_path):
     hf_to_megatron(src, tmp_path / "mg", **quiet())
     arch, _ = read_recorded_config(resolve_iter_dir(tmp_path / "mg"))
     wrong = LlamaArch(**{**arch.__dict__, "ffn_hidden_size": 128})
-    with pytest.raises(ConversionError, match=r"decoder.layers.mlp.linear_fc1.weight: per-layer shape \(192, 64\)"):
+    with pytest.raises(ConversionError, match=r"tensor decoder.layers.mlp.linear_fc1.weight: shape \(2, 192, 64\) != config \(2, 256, 64\)"):
         megatron_to_hf(tmp_path / "mg", tmp_path / "out", arch=wrong, **quiet())
     with pytest.raises(ConversionError, match="tied-embeddings mismatch"):
         megatron_to_hf(tmp_path / "mg", tmp_path / "out", arch=arch.replace(tie_word_embeddings=True), **quiet())

@@ -54,7 +54,15 @@ def test_megatron_logits_equal_hf(tmp_path, changes):
 def test_wrong_qkv_layout_is_detected(tmp_path, monkeypatch):
     """Negative control: a plain [q; k; v] concatenation must not pass the parity check."""
     src = make_hf_model(tmp_path / "hf", dtype=torch.float32)
-    monkeypatch.setattr(mapping, "fuse_qkv", lambda arch, q, k, v: torch.cat([q, k, v]))
+    original = mapping.row_blocks
+
+    def naive(arch, tmap):
+        if tmap.kind != "qkv":
+            return original(arch, tmap)
+        rows = [arch.num_attention_heads * arch.head_dim] + [arch.num_query_groups * arch.head_dim] * 2
+        return [mapping.RowBlock(i, 0, n) for i, n in enumerate(rows)]
+
+    monkeypatch.setattr(mapping, "row_blocks", naive)
     hf_to_megatron(src, tmp_path / "mg", show_progress=False)
     assert verify(src, tmp_path / "mg").max_abs_logit_diff > 1e-3
 

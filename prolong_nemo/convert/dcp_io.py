@@ -12,10 +12,13 @@ records go through `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pickle
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +125,88 @@ class _FileSlice(io.RawIOBase):
         return got
 
 
+# ---------------------------------------------------------------- raw record layout
+
+_STORAGE_DTYPES = {"BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16, "FloatStorage": torch.float32}
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Where a `torch.save`d contiguous tensor's bytes sit in its file."""
+
+    data_offset: int  # absolute, in the .distcp file
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class _TensorPickle(pickle.Unpickler):
+    """Reads a one-tensor `data.pkl` into plain values; resolves nothing executable."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *_: (storage, offset, tuple(size), tuple(stride))
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        return pid
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    return tuple(reversed(strides))
+
+
+def _member_offset(f: io.BufferedReader, start: int, info: zipfile.ZipInfo) -> int | None:
+    """Absolute offset of a stored zip member's data (read from its local header)."""
+    f.seek(start + info.header_offset)
+    local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04" or info.compress_type != zipfile.ZIP_STORED:
+        return None
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return start + info.header_offset + 30 + name_len + extra_len
+
+
+def _member_bytes(f: io.BufferedReader, start: int, info: zipfile.ZipInfo) -> bytes:
+    # Not ZipFile.read: records written without CRC32 (see _no_crc32) would fail its check.
+    offset = _member_offset(f, start, info)
+    if offset is None or info.file_size > 1 << 20:
+        raise ValueError(info.filename)
+    f.seek(offset)
+    return f.read(info.file_size)
+
+
+def record_layout(f: io.BufferedReader, start: int, length: int) -> RecordLayout | None:
+    """The data position of a plain contiguous tensor record; None for anything else (then
+    the caller falls back to `torch.load`, which handles every case)."""
+    try:
+        with zipfile.ZipFile(_FileSlice(f, start, length)) as zf:
+            members = {i.filename: i for i in zf.infolist()}
+        pkl = [name for name in members if name.endswith("/data.pkl")]
+        if len(pkl) != 1:
+            return None
+        prefix = pkl[0][: -len("data.pkl")]
+        if _member_bytes(f, start, members[prefix + "byteorder"]) != b"little":
+            return None
+        storage, offset, shape, stride = _TensorPickle(io.BytesIO(_member_bytes(f, start, members[pkl[0]]))).load()
+        kind, dtype, key, _location, numel = storage
+        data = members[f"{prefix}data/{key}"]
+    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError):
+        return None
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    plain = kind == "storage" and offset == 0 and numel == torch.Size(shape).numel()
+    if not plain or stride != _contiguous_strides(shape) or data.file_size != nbytes:
+        return None
+    data_offset = _member_offset(f, start, data)
+    return None if data_offset is None else RecordLayout(data_offset, dtype, shape)
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -139,6 +224,7 @@ class DistCheckpointReader:
         self.directory = Path(directory)
         self.metadata = load_metadata(self.directory)
         self._handles: dict[str, io.BufferedReader] = {}
+        self._layouts: dict[tuple[str, int], RecordLayout | None] = {}
 
     def tensor_keys(self) -> list[str]:
         return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)]
@@ -170,12 +256,7 @@ class DistCheckpointReader:
         return out
 
     def _load_record(self, key: str, info: _StorageInfo) -> torch.Tensor:
-        handle = self._handles.get(info.relative_path)
-        if handle is None:
-            path = self.directory / info.relative_path
-            if not path.is_file():
-                raise ConversionError(f"{self.directory}: tensor {key}: file {info.relative_path} is missing")
-            handle = self._handles[info.relative_path] = open(path, "rb")
+        handle = self._handle(info.relative_path)
         try:
             value = torch.load(_FileSlice(handle, info.offset, info.length), map_location="cpu", weights_only=True)
         except Exception as e:  # a corrupt record: name it
@@ -184,21 +265,30 @@ class DistCheckpointReader:
             raise ConversionError(f"{self.directory / info.relative_path}: tensor {key}: record is not a tensor")
         return value
 
+    def _load_chunk(self, key: str, chunk: StoredChunk) -> torch.Tensor:
+        record = self._load_record(key, chunk.info)
+        if tuple(record.shape) != chunk.sizes:
+            raise ConversionError(
+                f"{self.directory}: tensor {key}: chunk at {chunk.offsets} holds shape "
+                f"{tuple(record.shape)}, metadata says {chunk.sizes}"
+            )
+        return record
+
     def read_region(self, key: str, start: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
         """The region [start, start+size) of a global tensor, assembled from stored chunks."""
+        chunks = self._chunks(key)
+        whole = [c for c in chunks if all(o <= s and s + n <= o + m for s, n, o, m in zip(start, size, c.offsets, c.sizes))]
+        if whole:  # one record holds the region: return a view of it, no second copy
+            record = self._load_chunk(key, whole[0])
+            return record[tuple(slice(s - o, s - o + n) for s, n, o in zip(start, size, whole[0].offsets))]
         out = torch.empty(size, dtype=self.dtype(key))
         covered = 0
-        for chunk in self._chunks(key):
+        for chunk in chunks:
             lo = [max(a, b) for a, b in zip(start, chunk.offsets)]
             hi = [min(a + n, b + m) for a, n, b, m in zip(start, size, chunk.offsets, chunk.sizes)]
             if any(h <= l for l, h in zip(lo, hi)):
                 continue
-            record = self._load_record(key, chunk.info)
-            if tuple(record.shape) != chunk.sizes:
-                raise ConversionError(
-                    f"{self.directory}: tensor {key}: chunk at {chunk.offsets} holds shape "
-                    f"{tuple(record.shape)}, metadata says {chunk.sizes}"
-                )
+            record = self._load_chunk(key, chunk)
             src = record[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, chunk.offsets))]
             out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = src
             covered += src.numel()
@@ -206,6 +296,48 @@ class DistCheckpointReader:
         if covered != out.numel():
             raise ConversionError(f"{self.directory}: tensor {key}: stored chunks cover {covered} of {out.numel()} elements")
         return out
+
+    def _handle(self, relative_path: str) -> io.BufferedReader:
+        handle = self._handles.get(relative_path)
+        if handle is None:
+            path = self.directory / relative_path
+            if not path.is_file():
+                raise ConversionError(f"{self.directory}: file {relative_path} is missing")
+            handle = self._handles[relative_path] = open(path, "rb")
+        return handle
+
+    def locate(self, key: str, start: tuple[int, ...], size: tuple[int, ...]) -> tuple[int, int] | None:
+        """(fd, byte offset) of a region stored contiguously in one record, for file-to-file
+        copies; None when it spans records or is not contiguous there (use `read_region`)."""
+        for chunk in self._chunks(key):
+            rel = [s - o for s, o in zip(start, chunk.offsets)]
+            if any(r < 0 or r + n > m for r, n, m in zip(rel, size, chunk.sizes)):
+                continue
+            # contiguous iff every axis after the first partial one is full and all before are 1
+            partial = [i for i, (n, m) in enumerate(zip(size, chunk.sizes)) if n != m]
+            if partial and any(size[i] != 1 for i in range(partial[0])):
+                return None
+            if partial and any(size[i] != chunk.sizes[i] for i in range(partial[0] + 1, len(size))):
+                return None
+            layout = self._layout(key, chunk)
+            if layout is None:
+                return None
+            strides = _contiguous_strides(chunk.sizes)
+            elem = sum(r * st for r, st in zip(rel, strides))
+            return self._handle(chunk.info.relative_path).fileno(), layout.data_offset + elem * layout.dtype.itemsize
+        return None
+
+    def _layout(self, key: str, chunk: StoredChunk) -> RecordLayout | None:
+        cache_key = (chunk.info.relative_path, chunk.info.offset)
+        if cache_key not in self._layouts:
+            layout = record_layout(self._handle(chunk.info.relative_path), chunk.info.offset, chunk.info.length)
+            if layout is not None and (layout.shape != chunk.sizes or layout.dtype != self.dtype(key)):
+                raise ConversionError(
+                    f"{self.directory / chunk.info.relative_path}: tensor {key}: record holds "
+                    f"{layout.dtype} {layout.shape}, metadata says {self.dtype(key)} {chunk.sizes}"
+                )
+            self._layouts[cache_key] = layout
+        return self._layouts[cache_key]
 
     def read_object(self, unique_key: str) -> bytes:
         info = self.metadata.storage_data.get(MetadataIndex(unique_key))
@@ -224,9 +356,26 @@ class DistCheckpointReader:
 # ---------------------------------------------------------------- writing
 
 
+@contextlib.contextmanager
+def _no_crc32():
+    """torch.save computes a zip CRC32 per record at ~0.4 GB/s, the slowest step of a write;
+    torch.load does not need it (documented by `torch.serialization.set_crc32_options`)."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
+def _save(obj: Any, f) -> None:
+    with _no_crc32():
+        torch.save(obj, f)
+
+
 def _record(obj: Any) -> bytes:
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    _save(obj, buf)
     return buf.getvalue()
 
 
@@ -283,7 +432,7 @@ class DistCheckpointWriter:
         # torch.save stores a view's whole storage: hand it an exact, contiguous tensor.
         if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
             tensor = tensor.clone(memory_format=torch.contiguous_format)
-        info = self._append(lambda f: torch.save(tensor, f))
+        info = self._append(lambda f: _save(tensor, f))
         offsets = torch.Size(offset)
         meta.chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(tensor.shape)))
         self._storage[MetadataIndex(key, offsets)] = info

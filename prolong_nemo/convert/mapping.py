@@ -133,44 +133,48 @@ def check_shape(tensor: torch.Tensor, expected: tuple[int, ...], what: str) -> N
 # ---------------------------------------------------------------- fused layouts
 
 
-def _qkv_blocks(arch: LlamaArch) -> tuple[int, int]:
-    group = arch.num_attention_heads // arch.num_query_groups
-    return group * arch.head_dim, arch.head_dim
+@dataclass(frozen=True)
+class RowBlock:
+    """`count` rows starting at row `first` of HF tensor number `part` of a TensorMap."""
+
+    part: int
+    first: int
+    count: int
 
 
-def fuse_qkv(arch: LlamaArch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Interleave per query group: [q heads of group 0, k0, v0, q heads of group 1, ...].
+def row_blocks(arch: LlamaArch, tmap: TensorMap) -> list[RowBlock]:
+    """The rows of the Megatron tensor, in order, as blocks of its HF tensors.
 
-    A TP rank owning query groups [a, b) then owns one contiguous row block.
+    QKV is interleaved per query group: [q heads of group 0, k0, v0, q heads of group 1, ...],
+    so a TP rank owning query groups [a, b) owns one contiguous row block. fc1 is all gate rows
+    then all up rows (the SwiGLU factory's global layout, independent of TP).
     """
-    nkv, h = arch.num_query_groups, arch.hidden_size
-    gq, d = _qkv_blocks(arch)
-    fused = torch.cat([q.reshape(nkv, gq, h), k.reshape(nkv, d, h), v.reshape(nkv, d, h)], dim=1)
-    return fused.reshape(-1, h)
-
-
-def split_qkv(arch: LlamaArch, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    nkv, h = arch.num_query_groups, arch.hidden_size
-    gq, d = _qkv_blocks(arch)
-    q, k, v = qkv.reshape(nkv, gq + 2 * d, h).split([gq, d, d], dim=1)
-    return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
+    shapes = hf_shapes(arch)
+    if tmap.kind == "qkv":
+        gq, d = arch.num_attention_heads // arch.num_query_groups * arch.head_dim, arch.head_dim
+        return [b for g in range(arch.num_query_groups)
+                for b in (RowBlock(0, g * gq, gq), RowBlock(1, g * d, d), RowBlock(2, g * d, d))]
+    rows = [shapes[s][0] for s in tmap.hf]
+    return [RowBlock(i, 0, n) for i, n in enumerate(rows)]
 
 
 def fuse(arch: LlamaArch, tmap: TensorMap, parts: list[torch.Tensor]) -> torch.Tensor:
-    """HF tensors -> the Megatron tensor (a fresh contiguous tensor or the input itself)."""
-    if tmap.kind == "qkv":
-        return fuse_qkv(arch, *parts)
-    if tmap.kind == "fc1":
-        # Gate rows then up rows: the SwiGLU factory's global layout, independent of TP.
-        return torch.cat(parts, dim=0)
-    return parts[0]
+    """HF tensors -> the Megatron tensor."""
+    blocks = row_blocks(arch, tmap)
+    if len(blocks) == 1:
+        return parts[0]
+    return torch.cat([parts[b.part][b.first: b.first + b.count] for b in blocks])
 
 
 def split(arch: LlamaArch, tmap: TensorMap, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The Megatron tensor -> its HF tensors (views; callers copy what they keep)."""
-    if tmap.kind == "qkv":
-        return split_qkv(arch, tensor)
-    if tmap.kind == "fc1":
-        return tuple(tensor.chunk(2, dim=0))
-    return (tensor,)
-
+    """The Megatron tensor -> its HF tensors (fresh tensors, or the input itself)."""
+    blocks = row_blocks(arch, tmap)
+    if len(blocks) == 1:
+        return (tensor,)
+    shapes = hf_shapes(arch)
+    parts = [torch.empty(shapes[s], dtype=tensor.dtype) for s in tmap.hf]
+    row = 0
+    for b in blocks:
+        parts[b.part][b.first: b.first + b.count] = tensor[row: row + b.count]
+        row += b.count
+    return tuple(parts)

@@ -18,6 +18,7 @@ import torch
 from prolong_nemo.convert import dcp_io, hf_config, mapping, megatron_io, outputs
 from prolong_nemo.convert.mapping import ConversionError, TensorMap
 from prolong_nemo.convert.safetensors_io import (
+    Arena,
     PlannedTensor,
     SafetensorsFolder,
     ShardWriter,
@@ -83,14 +84,18 @@ def _check_tied_head(reader: SafetensorsFolder) -> None:
         )
 
 
-def _build_mcore(arch: LlamaArch, reader: SafetensorsFolder, tmap: TensorMap, layer: int | None) -> torch.Tensor:
-    parts = [reader.read(n) for n in tmap.hf_names(layer)]
-    if len({p.dtype for p in parts}) > 1:
-        names = tmap.hf_names(layer)
+def _fill_mcore(arch: LlamaArch, reader: SafetensorsFolder, tmap: TensorMap, layer: int | None, arena: Arena) -> torch.Tensor:
+    """The Megatron tensor, its rows read straight from the HF files into the arena."""
+    names = tmap.hf_names(layer)
+    dtypes = {reader.stored(n).dtype for n in names}
+    if len(dtypes) > 1:
         raise ConversionError(f"{reader.folder}: tensors {names} have different dtypes; cannot fuse them")
-    tensor = mapping.fuse(arch, tmap, parts)
-    mapping.check_shape(tensor, mapping.mcore_shape(arch, tmap), f"{tmap.mcore} (layer {layer})")
-    return tensor
+    out = arena.tensor(dtypes.pop(), mapping.mcore_shape(arch, tmap))
+    row = 0
+    for block in mapping.row_blocks(arch, tmap):
+        reader.read_rows_into(names[block.part], block.first, block.count, out[row: row + block.count])
+        row += block.count
+    return out
 
 
 def _write_extra_states(writer: dcp_io.DistCheckpointWriter, arch: LlamaArch, layer: int | None) -> None:
@@ -145,17 +150,19 @@ def _write_megatron(arch: LlamaArch, reader: SafetensorsFolder, root: Path, show
     total = sum(st.nbytes for n, st in reader.tensors.items() if n != "lm_head.weight" or not arch.tie_word_embeddings)
     bar = outputs.progress(total, "hf -> megatron", show)
     count = nbytes = 0
+    arena = Arena()
     try:
         for tmap in mapping.global_maps(arch):
-            tensor = _build_mcore(arch, reader, tmap, None)
+            tensor = _fill_mcore(arch, reader, tmap, None, arena)
             writer.add_chunk(tmap.mcore, tensor, tuple(tensor.shape), (0,) * tensor.dim())
             count, nbytes = count + 1, nbytes + tensor.nbytes
             bar.update(tensor.nbytes)
+            del tensor  # before the next one is read: one tensor in memory at a time
         _write_extra_states(writer, arch, None)
         for layer in range(arch.num_layers):
             writer.new_file()
             for tmap in mapping.LAYER_MAPS:
-                tensor = _build_mcore(arch, reader, tmap, layer).unsqueeze(0)
+                tensor = _fill_mcore(arch, reader, tmap, layer, arena).unsqueeze(0)
                 shape = (arch.num_layers, *tensor.shape[1:])
                 writer.add_chunk(tmap.mcore, tensor, shape, (layer,) + (0,) * (tensor.dim() - 1))
                 count, nbytes = count + 1, nbytes + tensor.nbytes
@@ -173,52 +180,64 @@ def _write_megatron(arch: LlamaArch, reader: SafetensorsFolder, root: Path, show
 
 
 @dataclass(frozen=True)
-class LayerSource:
-    """Where one layer tensor lives: stacked key + layer offset, or a per-layer key."""
+class Segment:
+    """Rows [row, row + size[0 or 1]) of a Megatron tensor, stored at `start` of key `key`."""
 
-    keys: tuple[str, ...]  # one key, or (gate, up) for singleton-sharded fc1
-    layer_axis: bool
+    key: str
+    start: tuple[int, ...]
+    size: tuple[int, ...]  # with the leading layer axis (1) for stacked keys
+    row: int
+    stacked: bool
+
+    @property
+    def rows(self) -> int:
+        return self.size[1] if self.stacked else self.size[0]
 
 
-def _layer_source(reader: dcp_io.DistCheckpointReader, tmap: TensorMap, layer: int) -> LayerSource:
+@dataclass(frozen=True)
+class ExportJob:
+    """One Megatron tensor (a layer slice or a global) and the HF tensors it becomes."""
+
+    tmap: TensorMap
+    layer: int | None
+    hf: list[PlannedTensor]
+
+
+def _layer_segments(arch: LlamaArch, reader: dcp_io.DistCheckpointReader, tmap: TensorMap, layer: int) -> list[Segment]:
+    """Stacked key (the default), per-layer keys, or singleton-sharded fc1 halves."""
+    want = mapping.mcore_shape(arch, tmap)
     if reader.has(tmap.mcore):
-        return LayerSource((tmap.mcore,), True)
+        shape = reader.global_shape(tmap.mcore)
+        if tuple(shape) != (arch.num_layers, *want):
+            raise ConversionError(
+                f"{reader.directory}: tensor {tmap.mcore}: shape {tuple(shape)} != config {(arch.num_layers, *want)}"
+            )
+        return [Segment(tmap.mcore, (layer,) + (0,) * len(want), (1, *want), 0, True)]
     per_layer = tmap.mcore.replace(mapping.LAYER_PREFIX, f"{mapping.LAYER_PREFIX}{layer}.", 1)
-    if reader.has(per_layer):
-        return LayerSource((per_layer,), False)
-    if tmap.kind == "fc1" and reader.has(per_layer + "_w"):  # singleton_local_shards layout
-        return LayerSource((per_layer + "_w", per_layer + "_v"), False)
-    raise ConversionError(f"{reader.directory}: tensor {tmap.mcore} (layer {layer}) is not in the checkpoint")
+    keys = [per_layer]
+    if not reader.has(per_layer) and tmap.kind == "fc1" and reader.has(per_layer + "_w"):
+        keys = [per_layer + "_w", per_layer + "_v"]  # singleton_local_shards layout
+    if not all(reader.has(k) for k in keys):
+        raise ConversionError(f"{reader.directory}: tensor {tmap.mcore} (layer {layer}) is not in the checkpoint")
+    segments, row = [], 0
+    for key in keys:
+        shape = tuple(reader.global_shape(key))
+        expect = (want[0] // len(keys), *want[1:])
+        if shape != expect:
+            raise ConversionError(f"{reader.directory}: tensor {key}: shape {shape} != config {expect}")
+        segments.append(Segment(key, (0,) * len(shape), shape, row, False))
+        row += shape[0]
+    return segments
 
 
-def _read_layer(arch: LlamaArch, reader: dcp_io.DistCheckpointReader, tmap: TensorMap, layer: int) -> torch.Tensor:
-    src = _layer_source(reader, tmap, layer)
+def _global_segments(arch: LlamaArch, reader: dcp_io.DistCheckpointReader, tmap: TensorMap) -> list[Segment]:
+    shape = tuple(reader.global_shape(tmap.mcore))
     want = mapping.mcore_shape(arch, tmap)
-    parts = []
-    for key in src.keys:
-        shape = reader.global_shape(key)
-        local = shape[1:] if src.layer_axis else shape
-        if src.layer_axis and shape[0] != arch.num_layers:
-            raise ConversionError(f"{reader.directory}: tensor {key} stacks {shape[0]} layers, config says {arch.num_layers}")
-        if len(src.keys) == 1 and tuple(local) != tuple(want):
-            raise ConversionError(f"{reader.directory}: tensor {key}: per-layer shape {tuple(local)} != config {want}")
-        start = (layer,) + (0,) * len(local) if src.layer_axis else (0,) * len(local)
-        size = (1, *local) if src.layer_axis else tuple(local)
-        region = reader.read_region(key, start, size)
-        parts.append(region[0] if src.layer_axis else region)
-    tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
-    mapping.check_shape(tensor, want, f"{reader.directory}: tensor {tmap.mcore} (layer {layer})")
-    return tensor
-
-
-def _read_global(arch: LlamaArch, reader: dcp_io.DistCheckpointReader, tmap: TensorMap) -> torch.Tensor:
-    shape = reader.global_shape(tmap.mcore)
-    want = mapping.mcore_shape(arch, tmap)
-    vocab_padded = tmap in (mapping.EMBEDDING, mapping.OUTPUT) and shape[0] >= want[0] and shape[1:] == want[1:]
-    if tuple(shape) != tuple(want) and not vocab_padded:
-        raise ConversionError(f"{reader.directory}: tensor {tmap.mcore}: shape {tuple(shape)} != config {want}")
     # Megatron may pad the vocabulary (make_vocab_size_divisible_by x TP); HF gets the real rows.
-    return reader.read_region(tmap.mcore, (0,) * len(want), want)
+    vocab_padded = tmap in (mapping.EMBEDDING, mapping.OUTPUT) and shape[0] >= want[0] and shape[1:] == want[1:]
+    if shape != tuple(want) and not vocab_padded:
+        raise ConversionError(f"{reader.directory}: tensor {tmap.mcore}: shape {shape} != config {want}")
+    return [Segment(tmap.mcore, (0,) * len(want), tuple(want), 0, False)]
 
 
 def _check_tie(arch: LlamaArch, reader: dcp_io.DistCheckpointReader) -> None:
@@ -235,28 +254,48 @@ def _check_tie(arch: LlamaArch, reader: dcp_io.DistCheckpointReader) -> None:
         )
 
 
-def _hf_plan(arch: LlamaArch, reader: dcp_io.DistCheckpointReader) -> list[PlannedTensor]:
-    """HF tensors in the order they are produced; dtype = the stored Megatron tensor's."""
-    plan = []
-    for tmap in mapping.global_maps(arch):
-        dtype = reader.dtype(tmap.mcore)
-        plan += [PlannedTensor(n, dtype, mapping.hf_shape(arch, n)) for n in tmap.hf_names(None)]
-    for layer in range(arch.num_layers):
-        for tmap in mapping.LAYER_MAPS:
-            dtype = reader.dtype(_layer_source(reader, tmap, layer).keys[0])
-            plan += [PlannedTensor(n, dtype, mapping.hf_shape(arch, n)) for n in tmap.hf_names(layer)]
-    return plan
+def _segments(arch, reader, job: ExportJob) -> list[Segment]:
+    if job.layer is None:
+        return _global_segments(arch, reader, job.tmap)
+    return _layer_segments(arch, reader, job.tmap, job.layer)
 
 
-def _produce_hf(arch: LlamaArch, reader: dcp_io.DistCheckpointReader):
-    """Yield (hf_name, tensor) in `_hf_plan` order, one Megatron tensor in memory at a time."""
-    for tmap in mapping.global_maps(arch):
-        yield tmap.hf[0], _read_global(arch, reader, tmap)
-    for layer in range(arch.num_layers):
-        for tmap in mapping.LAYER_MAPS:
-            tensor = _read_layer(arch, reader, tmap, layer)
-            yield from zip(tmap.hf_names(layer), mapping.split(arch, tmap, tensor))
-            del tensor
+def _export_jobs(arch: LlamaArch, reader: dcp_io.DistCheckpointReader) -> list[ExportJob]:
+    """Every Megatron tensor in HF order; validates shapes before anything is written."""
+    jobs = []
+    for layer, tmap in [(None, m) for m in mapping.global_maps(arch)] + [
+        (i, m) for i in range(arch.num_layers) for m in mapping.LAYER_MAPS
+    ]:
+        job = ExportJob(tmap, layer, [])
+        dtype = reader.dtype(_segments(arch, reader, job)[0].key)
+        job.hf.extend(PlannedTensor(n, dtype, mapping.hf_shape(arch, n)) for n in tmap.hf_names(layer))
+        jobs.append(job)
+    return jobs
+
+
+def _export(arch: LlamaArch, reader: dcp_io.DistCheckpointReader, job: ExportJob, writer: ShardWriter) -> None:
+    """Move one Megatron tensor's rows into its HF tensors: a file-to-file copy per row block
+    when the rows sit contiguously in one stored record, else through memory."""
+    names = [t.name for t in job.hf]
+    shape = mapping.mcore_shape(arch, job.tmap)
+    row_bytes = torch.Size(shape[1:]).numel() * job.hf[0].dtype.itemsize
+    blocks, at = [], 0
+    for b in mapping.row_blocks(arch, job.tmap):
+        blocks.append((at, b))
+        at += b.count
+    for seg in _segments(arch, reader, job):
+        where = reader.locate(seg.key, seg.start, seg.size)
+        data = None if where is not None else reader.read_region(seg.key, seg.start, seg.size).reshape(seg.rows, -1)
+        for m0, b in blocks:  # intersect the segment's rows with each HF row block
+            lo, hi = max(m0, seg.row), min(m0 + b.count, seg.row + seg.rows)
+            if lo >= hi:
+                continue
+            dst = (b.first + lo - m0) * row_bytes
+            if where is not None:
+                writer.copy_rows(names[b.part], dst, where[0], where[1] + (lo - seg.row) * row_bytes, (hi - lo) * row_bytes)
+            else:
+                writer.write_at(names[b.part], dst, data[lo - seg.row: hi - seg.row])
+        del data
 
 
 def megatron_to_hf(
@@ -282,11 +321,11 @@ def megatron_to_hf(
     reader = dcp_io.DistCheckpointReader(iter_dir)
     try:
         _check_tie(recorded, reader)
-        plan = _hf_plan(recorded, reader)
-        dtype = str(plan[0].dtype).replace("torch.", "")
+        jobs = _export_jobs(recorded, reader)
+        dtype = str(jobs[0].hf[0].dtype).replace("torch.", "")
         extras = hf_config.HfExtras(extras.bos_token_id, extras.eos_token_id, dtype)
         with outputs.atomic_output_dir(out_dir, overwrite) as tmp:
-            nbytes = _write_hf(recorded, reader, plan, tmp, max_shard_bytes, show_progress, fsync)
+            nbytes = _write_hf(recorded, reader, jobs, tmp, max_shard_bytes, show_progress, fsync)
             _write_json(tmp / "config.json", hf_config.hf_config_dict(recorded, extras))
             _write_json(tmp / "generation_config.json", hf_config.generation_config_dict(extras))
             tok = tokenizer_dir if tokenizer_dir is not None else iter_dir / megatron_io.TOKENIZER_DIR
@@ -294,26 +333,30 @@ def megatron_to_hf(
                 outputs.copy_tokenizer(tok, tmp)
     finally:
         reader.close()
-    return ConversionResult(Path(out_dir), recorded, len(plan), nbytes, time.perf_counter() - t0)
+    count = sum(len(j.hf) for j in jobs)
+    return ConversionResult(Path(out_dir), recorded, count, nbytes, time.perf_counter() - t0)
 
 
-def _write_hf(arch, reader, plan, folder: Path, max_shard_bytes: int, show: bool, fsync: bool) -> int:
-    shards = plan_shards(plan, max_shard_bytes)
+def _write_hf(arch, reader, jobs: list[ExportJob], folder: Path, max_shard_bytes: int, show: bool, fsync: bool) -> int:
+    shards = plan_shards([j.hf for j in jobs], max_shard_bytes)
     names = shard_names(len(shards))
-    bar = outputs.progress(sum(t.nbytes for t in plan), "megatron -> hf", show)
-    produced = _produce_hf(arch, reader)
+    total = sum(t.nbytes for j in jobs for t in j.hf)
+    bar = outputs.progress(total, "megatron -> hf", show)
+    pending = iter(jobs)
     try:
         for shard, fname in zip(shards, names):
             writer = ShardWriter(folder / fname, shard, fsync=fsync)
-            for _ in shard:
-                name, tensor = next(produced)
-                writer.write(name, tensor)
-                bar.update(tensor.nbytes)
+            left = len(shard)
+            while left:
+                job = next(pending)
+                _export(arch, reader, job, writer)
+                left -= len(job.hf)
+                bar.update(sum(t.nbytes for t in job.hf))
             writer.close()
     finally:
         bar.close()
     write_index(folder, shards, names)
-    return sum(t.nbytes for t in plan)
+    return total
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -91,26 +91,92 @@ class SafetensorsFolder:
         hint = f" (found {pickled}: pickle-based weights are never loaded, convert them to safetensors)" if pickled else ""
         raise ConversionError(f"{self.folder}: no safetensors weights{hint}")
 
-    def read(self, name: str) -> torch.Tensor:
-        """A fresh tensor read with plain file reads (no mapping)."""
+    def stored(self, name: str) -> StoredTensor:
         stored = self.tensors.get(name)
         if stored is None:
             raise ConversionError(f"{self.folder}: tensor {name} is missing from the safetensors files")
+        return stored
+
+    def read(self, name: str) -> torch.Tensor:
+        """A fresh tensor read with plain file reads (no mapping)."""
+        stored = self.stored(name)
         out = torch.empty(stored.shape, dtype=stored.dtype)
+        self.read_rows_into(name, 0, stored.shape[0] if stored.shape else 1, out)
+        return out
+
+    def read_rows_into(self, name: str, first: int, count: int, out: torch.Tensor) -> None:
+        """Rows [first, first+count) of a stored tensor, read straight into contiguous `out`."""
+        stored = self.stored(name)
+        row_bytes = stored.nbytes // max(stored.shape[0], 1) if stored.shape else stored.nbytes
+        nbytes = count * row_bytes
+        if out.dtype != stored.dtype or out.nbytes != nbytes or not out.is_contiguous():
+            raise ConversionError(f"{stored.file}: tensor {name}: destination does not match {count} rows")
+        if nbytes == 0:
+            return
         handle = self._handles.get(stored.file)
         if handle is None:
             handle = self._handles[stored.file] = open(stored.file, "rb", buffering=0)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        handle.seek(stored.start)
-        got = handle.readinto(view) if stored.nbytes else 0
-        if got != stored.nbytes:
-            raise ConversionError(f"{stored.file}: tensor {name}: short read ({got} of {stored.nbytes} bytes)")
-        return out
+        got = pread_full(handle.fileno(), out, stored.start + first * row_bytes)
+        if got != nbytes:
+            raise ConversionError(f"{stored.file}: tensor {name}: short read ({got} of {nbytes} bytes)")
 
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+
+
+# ---------------------------------------------------------------- byte movement
+
+
+def pread_full(fd: int, out: torch.Tensor, offset: int) -> int:
+    """Fill contiguous `out` from `fd` at `offset`; returns the bytes read (short at EOF)."""
+    view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            break
+        done += got
+    return done
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
+    """File-to-file copy inside the kernel (what `cp` does); a read/write loop if unsupported."""
+    done = 0
+    try:
+        while done < nbytes:
+            got = os.copy_file_range(src_fd, dst_fd, nbytes - done, src_offset + done, dst_offset + done)
+            if got <= 0:
+                break
+            done += got
+    except OSError:
+        pass
+    while done < nbytes:  # fallback, and the remainder of a short kernel copy
+        chunk = os.pread(src_fd, min(nbytes - done, 16 << 20), src_offset + done)
+        if not chunk:
+            raise ConversionError(f"short read copying {nbytes} bytes from fd {src_fd} at {src_offset}")
+        done += os.pwrite(dst_fd, chunk, dst_offset + done)
+
+
+class Arena:
+    """One reusable buffer for the tensor in flight.
+
+    A fresh multi-GB allocation costs its first-touch page faults on every tensor (about 1 GB/s
+    on a small VM, slower than the disk); reusing one buffer pays that once.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor over the buffer (valid until the next call), its storage exactly its size."""
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        if len(self._buf) < nbytes:
+            self._buf = bytearray(nbytes)
+        return torch.frombuffer(memoryview(self._buf)[:nbytes], dtype=torch.uint8).view(dtype).view(shape)
 
 
 # ---------------------------------------------------------------- writing
@@ -127,16 +193,18 @@ class PlannedTensor:
         return torch.Size(self.shape).numel() * self.dtype.itemsize
 
 
-def plan_shards(tensors: Iterable[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
-    """Consecutive groups of at most max_shard_bytes (a bigger tensor gets a shard of its own)."""
+def plan_shards(groups: Iterable[list[PlannedTensor]], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Consecutive shards of at most max_shard_bytes; a group (the HF tensors of one Megatron
+    tensor) is never split, and a bigger group gets a shard of its own."""
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
+    for group in groups:
+        nbytes = sum(t.nbytes for t in group)
+        if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(t)
-        size += t.nbytes
+        shards[-1].extend(group)
+        size += nbytes
     return [s for s in shards if s]
 
 
@@ -158,33 +226,56 @@ def _header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str]) -> byt
 
 
 class ShardWriter:
-    """Writes one safetensors file whose tensors arrive one by one, in planned order."""
+    """One safetensors file: header first, then tensor bytes at their planned offsets, in any
+    order (whole tensors from memory, or row ranges copied file-to-file)."""
 
     def __init__(self, path: Path, tensors: list[PlannedTensor], fsync: bool = True):
         self.path, self.fsync = Path(path), fsync
-        self._pending = list(tensors)
-        self._file = open(self.path, "wb")
-        self._file.write(_header_bytes(tensors, {"format": "pt"}))
+        header = _header_bytes(tensors, {"format": "pt"})
+        self._planned = {t.name: t for t in tensors}
+        self._offsets, pos = {}, len(header)
+        for t in tensors:
+            self._offsets[t.name], pos = pos, pos + t.nbytes
+        self._written = dict.fromkeys(self._planned, 0)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self._fd, header, 0)
+
+    def _claim(self, name: str, start: int, nbytes: int) -> int:
+        want = self._planned.get(name)
+        if want is None:
+            raise ConversionError(f"{self.path}: unexpected tensor {name}")
+        if start < 0 or start + nbytes > want.nbytes:
+            raise ConversionError(f"{self.path}: tensor {name}: bytes [{start}, {start + nbytes}) outside its {want.nbytes}")
+        self._written[name] += nbytes
+        return self._offsets[name] + start
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if not self._pending:
-            raise ConversionError(f"{self.path}: unexpected extra tensor {name}")
-        want = self._pending.pop(0)
-        if want.name != name or want.dtype != tensor.dtype or want.shape != tuple(tensor.shape):
-            raise ConversionError(
-                f"{self.path}: tensor {name} {tensor.dtype} {tuple(tensor.shape)} arrived where "
-                f"{want.name} {want.dtype} {want.shape} was planned"
-            )
-        data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        self._file.write(memoryview(data))
+        want = self._planned.get(name)
+        if want is None or want.dtype != tensor.dtype or want.shape != tuple(tensor.shape):
+            raise ConversionError(f"{self.path}: tensor {name} {tensor.dtype} {tuple(tensor.shape)} was not planned as such")
+        self.write_at(name, 0, tensor)
+
+    def write_at(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """The bytes of `tensor` as bytes [start, ...) of tensor `name`."""
+        if tensor.dtype != self._planned[name].dtype:
+            raise ConversionError(f"{self.path}: tensor {name}: {tensor.dtype} bytes for a {self._planned[name].dtype} tensor")
+        data = memoryview(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()) if tensor.numel() else b""
+        pos, done = self._claim(name, start, len(data)), 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], pos + done)
+
+    def copy_rows(self, name: str, start: int, src_fd: int, src_offset: int, nbytes: int) -> None:
+        """Bytes [start, start+nbytes) of tensor `name`, copied from another file."""
+        copy_range(src_fd, src_offset, self._fd, self._claim(name, start, nbytes), nbytes)
 
     def close(self) -> None:
-        if self._pending:
-            raise ConversionError(f"{self.path}: {len(self._pending)} planned tensors never written")
-        self._file.flush()
+        incomplete = [n for n, t in self._planned.items() if self._written[n] != t.nbytes]
+        if incomplete:
+            os.close(self._fd)
+            raise ConversionError(f"{self.path}: tensors not completely written: {incomplete[:3]}")
         if self.fsync:
-            os.fsync(self._file.fileno())
-        self._file.close()
+            os.fsync(self._fd)
+        os.close(self._fd)
 
 
 def write_index(folder: Path, shards: list[list[PlannedTensor]], names: list[str]) -> None:
