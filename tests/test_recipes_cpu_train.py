@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -65,6 +66,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_domain(folder: Path, n: int, length: int, vocab: int, seed: int, with_mask: bool = False) -> None:
     from prolong_nemo.data.mds import write_domain as write
 
@@ -89,7 +96,10 @@ def test_cpu_fallback_trains_and_chains_all_stages(tmp_path):
         write_domain(data / sub / "long", 4, length, vocab, seed=1)
         write_domain(data / sub / "short", 4, length, vocab, seed=2)
     write_domain(data / "sft" / "chat", 4, 512, vocab, seed=3, with_mask=True)
-    env = dict(os.environ, PROLONG_DATA_CPU=str(data), PROLONG_RUNS=str(runs))
+    # A fresh single-process gloo world: nothing inherited from tests that ran torch.distributed here.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(PROLONG_DATA_CPU=str(data), PROLONG_RUNS=str(runs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
