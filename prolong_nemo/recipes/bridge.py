@@ -59,8 +59,8 @@ class ProLongDatasetProvider(DatasetProvider):
             domains=self.domains, seq_length=self.seq_length, seed=self.seed,
             document_masking=self.document_masking, cp_size=self.cp_size, tp_size=self.tp_size,
             sequence_parallel=self.sequence_parallel, vocab_size=self.vocab_size, cache_dir=self.cache_dir,
-            instruction_masks=self.instruction_masks, train_samples=context.train_samples, valid_samples=context.valid_samples,
-            test_samples=context.test_samples)
+            instruction_masks=self.instruction_masks, train_samples=context.train_samples,
+            valid_samples=context.valid_samples, test_samples=context.test_samples)
         return train, valid, test
 
 
@@ -109,11 +109,12 @@ def build_config_container(recipe: RecipeConfig, start: StartPoint | None = None
 
 
 def bridge_version() -> tuple[int, ...]:
-    from importlib import metadata
+    from prolong_nemo.recipes.plan import _dist_version, parse_version
 
-    from prolong_nemo.recipes.plan import parse_version
-
-    return parse_version(metadata.version("megatron-bridge")) or (0,)
+    text = _dist_version("megatron-bridge", "megatron_bridge")
+    if text is None:  # a source install without distribution metadata
+        from megatron.bridge.package_info import __version__ as text
+    return parse_version(text) or (0,)
 
 
 def callbacks_for(recipe: RecipeConfig, start: StartPoint, log=print) -> list:
