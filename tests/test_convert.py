@@ -357,6 +357,16 @@ def test_failure_mid_write_leaves_no_output(tmp_path, monkeypatch):
         hf_to_megatron(src, tmp_path / "mg", **quiet())
     hf_to_megatron(src, tmp_path / "mg", overwrite=True, **quiet())
 
+    from prolong_nemo.convert import safetensors_io
+
+    def failing_copy(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors_io.ShardWriter, "copy_rows", failing_copy)
+    with pytest.raises(OSError, match="disk full"):
+        megatron_to_hf(tmp_path / "mg", tmp_path / "out", **quiet())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mg"]
+
 
 def test_export_refuses_a_config_that_does_not_match_the_weights(tmp_path):
     from prolong_nemo.model.config import LlamaArch

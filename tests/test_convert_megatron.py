@@ -51,6 +51,18 @@ def test_megatron_logits_equal_hf(tmp_path, changes):
     assert (a - b).abs().max() > 1e-2
 
 
+def test_verify_command(tmp_path, capsys):
+    from prolong_nemo.cli import main as cli_main
+
+    src = make_hf_model(tmp_path / "hf", dtype=torch.float32)
+    hf_to_megatron(src, tmp_path / "mg", show_progress=False)
+    assert cli_main(["convert", "verify", str(src), str(tmp_path / "mg")]) == 0
+    out = capsys.readouterr().out
+    assert "max |logit diff| = " in out and "(OK, tolerance 1e-05)" in out
+    assert cli_main(["convert", "verify", str(src), str(tmp_path / "mg"), "--tolerance", "-1"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
 def test_wrong_qkv_layout_is_detected(tmp_path, monkeypatch):
     """Negative control: a plain [q; k; v] concatenation must not pass the parity check."""
     src = make_hf_model(tmp_path / "hf", dtype=torch.float32)

@@ -1,10 +1,12 @@
 """The two conversions, streaming one tensor at a time.
 
 HF -> Megatron: every HF tensor's shape is checked against config.json before anything is
-written; then each Megatron tensor (per layer: fused QKV, fused gate/up, ...) is built from
-its HF tensors and appended to the dist checkpoint. Megatron -> HF: each Megatron tensor
-(one layer slice) is read from its stored chunks, split, and appended to a safetensors shard
-whose header was written first. Both write into a temporary sibling folder renamed at the end.
+written; then each Megatron tensor (per layer: QKV interleaved per query group, gate/up, ...)
+is assembled by reading its row blocks straight from the HF files into one reused buffer and
+appended to the dist checkpoint as one record. Megatron -> HF: all shapes are checked first;
+then each Megatron tensor (one layer slice) has its row blocks copied file-to-file into the
+HF tensors of a safetensors shard whose header was written first (through memory when the
+stored record cannot be mapped). Both write a temporary sibling folder renamed at the end.
 """
 
 from __future__ import annotations
