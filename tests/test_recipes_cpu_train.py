@@ -1,6 +1,7 @@
 """The CPU fallback of `prolong-nemo train`: each stage's miniature trains end to end on MDS data
 through the data adapter, chained like the real stages (64K -> 512K with Adam state and a
-restarted schedule -> SFT from weights only), and a killed stage resumes where it stopped.
+restarted schedule -> SFT from weights only) from a converted Hugging Face checkpoint, and a
+killed stage resumes where it stopped.
 
 Runs in one subprocess: the CPU runner initializes a gloo process group and megatron's
 parallel state, which must not leak into other tests.
@@ -33,8 +34,25 @@ SCRIPT = textwrap.dedent("""
         return sorted({int(s["step"]) for s in state.optimizer.state.values()})
 
     out = {}
+    # stage 1 starts from a Hugging Face Llama converted by prolong_nemo.convert
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from prolong_nemo.convert import hf_to_megatron
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=224, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                      rope_theta=500000.0, max_position_embeddings=4096, tie_word_embeddings=False))
+    hf.save_pretrained("hf", safe_serialization=True)
+    hf_to_megatron("hf", "converted", rope_theta=8e6, max_position_embeddings=65536, show_progress=False)
+    init = ["checkpoint.init=weights", "checkpoint.init_from=converted"]
+    r64 = load_recipe("stage_64k_cpu", init)
+    cpu_runner.init_distributed(seed=r64.train.seed)
+    probe = cpu_runner.build_state(cpu_runner.TrainConfig(preset="llama3-tiny", seq_length=512))
+    apply_start(resolve_start(r64), probe, r64, logs.append)
+    out["64k_init_equals_hf"] = (torch.equal(probe.model.embedding.word_embeddings.weight, hf.model.embed_tokens.weight)
+                                 and torch.equal(probe.model.output_layer.weight, hf.lm_head.weight))
+    logs.clear()
     # `prolong-nemo train stage_64k` on a machine without GPU: the CPU miniature
-    assert train_recipe("stage_64k", [], log=logs.append) == 0
+    assert train_recipe("stage_64k", init, log=logs.append) == 0
     out["log_64k"] = list(logs); logs.clear()
 
     # stage 512K, killed after 2 of 4 steps, then resubmitted
@@ -107,7 +125,8 @@ def test_cpu_fallback_trains_and_chains_all_stages(tmp_path):
 
     log = out["log_64k"]
     assert log[0] == "[prolong] no GPU / Megatron-Bridge here: training stage_64k_cpu, the CPU miniature of stage_64k"
-    assert "starting from random initialization" in log[1]
+    assert log[1] == "[prolong] starting from the weights of converted"
+    assert out["64k_init_equals_hf"] is True
     steps = [line for line in log if "| lm loss" in line]
     assert len(steps) == 4 and steps[-1].startswith("[prolong] step 4/4 (100.0%)")
     for field in ("tokens/s", "model TFLOP/s/GPU", "mem", "ETA", "lr 1.000e-06"):
