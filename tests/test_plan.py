@@ -86,6 +86,9 @@ def test_activation_model():
     assert m.activations == 32 * 2 * s * h / 2 + 34 * s * h / 2 == 13_153_337_344
     no_recompute = estimate_memory(L3, ParallelConfig(tp=2, sequence_parallel=True, recompute="none"), s, dp=4)
     assert no_recompute.activations == 32 * 34 * s * h / 2
+    # PP2 with 1F1B: 16 layers per stage, 2 micro-batches of layer inputs in flight
+    pp = estimate_memory(L3, ParallelConfig(tp=2, pp=2, sequence_parallel=True), s, dp=2, microbatches=32)
+    assert pp.activations == 2 * 16 * 2 * s * h / 2 + 34 * s * h / 2
 
 
 def test_default_recipes_fit_8x_h100_80gb():

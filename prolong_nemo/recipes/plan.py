@@ -17,7 +17,8 @@ The memory model (bf16 training, Megatron DDP + distributed optimizer):
               34*s*h bytes / tp with sequence parallelism, s*h*(8 + 26/tp) without (norm and
               linear inputs are replicated across TP without SP). Full recompute keeps each
               layer's input (2*s*h, / tp with SP) plus one layer's activations while it is
-              recomputed in the backward pass.
+              recomputed in the backward pass. With pipeline parallelism the first stage holds
+              min(pp, micro-batches) micro-batches in flight (1F1B).
   logits      [s, V/tp] in bf16 plus the fp32 copy the cross-entropy makes (6 B per entry); the
               chunked LM head + cross-entropy only holds `chunk_tokens` rows at a time.
   reserve     4 GB for the CUDA context, NCCL buffers and allocator fragmentation.
@@ -131,7 +132,7 @@ def layer_activation_bytes(arch: LlamaArch, tokens: int, tp: int, sequence_paral
 
 
 def estimate_memory(arch: LlamaArch, par: ParallelConfig, seq_length: int, dp: int, *,
-                    loss_impl: str = "chunked", chunk_tokens: int = 2048) -> MemoryEstimate:
+                    loss_impl: str = "chunked", chunk_tokens: int = 2048, microbatches: int = 1) -> MemoryEstimate:
     p = params_per_gpu(arch, par)
     weights = 2.0 * p
     gradients = (4.0 if par.grad_reduce_in_fp32 else 2.0) * p
@@ -141,12 +142,14 @@ def estimate_memory(arch: LlamaArch, par: ParallelConfig, seq_length: int, dp: i
     h = arch.hidden_size
     layers = arch.num_layers // par.pp
     one_layer = layer_activation_bytes(arch, tokens, par.tp, par.sequence_parallel)
+    # 1F1B pipelining: the first stage holds up to pp micro-batches in flight.
+    in_flight = min(par.pp, max(microbatches, 1)) if par.pp > 1 else 1
     if par.recompute == "full":
         layer_input = 2.0 * tokens * h / (par.tp if par.sequence_parallel and par.tp > 1 else 1)
         per_layers = max(1, math.ceil(par.recompute_num_layers))
-        activations = layers / per_layers * layer_input + per_layers * one_layer
+        activations = in_flight * layers / per_layers * layer_input + per_layers * one_layer
     else:  # selective recompute saves little with flash attention: count it as none
-        activations = layers * one_layer
+        activations = in_flight * layers * one_layer
 
     vocab_local = padded_vocab(arch.vocab_size, par.tp) // par.tp
     unchunked = 6.0 * tokens * vocab_local
@@ -160,7 +163,7 @@ def estimate_memory(arch: LlamaArch, par: ParallelConfig, seq_length: int, dp: i
 def recipe_memory(recipe: RecipeConfig) -> MemoryEstimate:
     return estimate_memory(recipe.arch, recipe.parallel, recipe.data.sequence_length,
                            max(recipe.data_parallel_size, 1), loss_impl=recipe.loss.impl,
-                           chunk_tokens=recipe.loss.chunk_tokens)
+                           chunk_tokens=recipe.loss.chunk_tokens, microbatches=max(recipe.grad_accumulation, 1))
 
 
 # ---------------------------------------------------------------------------------------------
