@@ -136,13 +136,10 @@ def test_megatron_layout_is_stacked_with_te_names(tmp_path):
     assert "common_state/shard_0_1" in objects
 
 
-def test_exported_folder_loads_in_transformers_without_warnings(tmp_path):
+def load_without_warnings(folder: Path):
+    """LlamaForCausalLM.from_pretrained, asserting no missing/unexpected keys and no warnings."""
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
-
-    src = make_hf_model(tmp_path / "hf", dtype=torch.float32)
-    hf_to_megatron(src, tmp_path / "mg", **quiet())
-    megatron_to_hf(tmp_path / "mg", tmp_path / "out", **quiet())
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
@@ -150,11 +147,21 @@ def test_exported_folder_loads_in_transformers_without_warnings(tmp_path):
     logger = hf_logging.get_logger("transformers")
     logger.addHandler(handler)
     try:
-        model, info = LlamaForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+        model, info = LlamaForCausalLM.from_pretrained(folder, output_loading_info=True)
     finally:
         logger.removeHandler(handler)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
     assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+    return model
+
+
+def test_exported_folder_loads_in_transformers_without_warnings(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    src = make_hf_model(tmp_path / "hf", dtype=torch.float32)
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    megatron_to_hf(tmp_path / "mg", tmp_path / "out", **quiet())
+    model = load_without_warnings(tmp_path / "out")
     ref = LlamaForCausalLM.from_pretrained(src)
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -164,7 +171,8 @@ def test_exported_folder_loads_in_transformers_without_warnings(tmp_path):
 def test_llama31_rope_scaling_round_trips(tmp_path):
     from transformers import LlamaConfig
 
-    src = make_hf_model(tmp_path / "hf", rope_scaling=dict(LLAMA31_SCALING))
+    # max_position_embeddings above original_max_position_embeddings, as in real Llama-3.1
+    src = make_hf_model(tmp_path / "hf", rope_scaling=dict(LLAMA31_SCALING), max_position_embeddings=131072)
     hf_to_megatron(src, tmp_path / "mg", **quiet())
     assert read_recorded_config(resolve_iter_dir(tmp_path / "mg"))[0].rope_scaling == LLAMA31_SCALING
     megatron_to_hf(tmp_path / "mg", tmp_path / "out", **quiet())
@@ -173,6 +181,7 @@ def test_llama31_rope_scaling_round_trips(tmp_path):
     raw = json.loads((tmp_path / "out" / "config.json").read_text())
     assert raw["rope_parameters"] == {**LLAMA31_SCALING, "rope_theta": 500000.0}
     assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
+    load_without_warnings(tmp_path / "out")
 
 
 def test_tied_embeddings_round_trip(tmp_path):
@@ -396,3 +405,30 @@ def test_cli_round_trip_and_errors(tmp_path, capsys):
     _edit_config(src, num_key_value_heads=3)
     assert cli_main(["convert", "hf-to-megatron", str(src), str(tmp_path / "mg2"), "--quiet"]) == 2
     assert "not divisible by num_key_value_heads 3" in capsys.readouterr().err
+
+
+def test_bridge_run_config_and_release_tracker_are_read(tmp_path):
+    """A checkpoint written by Megatron-Bridge training records only its `model:` section."""
+    import yaml
+
+    src = make_hf_model(tmp_path / "hf")
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    root = tmp_path / "mg"
+    (root / "iter_0000000").rename(root / "release")
+    (root / "latest_checkpointed_iteration.txt").write_text("release")
+    bridge = {
+        "model": {"_target_": "megatron.bridge.models.llama.Llama31ModelProvider8B", "num_layers": 2,
+                  "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4, "num_query_groups": 2,
+                  "vocab_size": 256, "seq_length": 131072, "layernorm_epsilon": 1e-5, "rotary_base": 1.28e8,
+                  "rope_scaling": True, "rope_scaling_factor": 8.0,
+                  "share_embeddings_and_output_weights": False},
+        "checkpoint": {"save_optim": True, "save_rng": True, "fully_parallel_save": True},
+    }
+    (root / "release" / "run_config.yaml").write_text(yaml.safe_dump(bridge))
+    assert resolve_iter_dir(root) == root / "release"
+    arch, _ = read_recorded_config(root / "release")
+    assert (arch.rope_theta, arch.max_position_embeddings, arch.rope_scaling) == (1.28e8, 131072, LLAMA31_SCALING)
+    megatron_to_hf(root, tmp_path / "out", **quiet())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["rope_theta"], config["max_position_embeddings"]) == (1.28e8, 131072)
+    assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
