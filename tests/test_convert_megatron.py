@@ -63,6 +63,35 @@ def test_verify_command(tmp_path, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+class _Boom:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.makedirs, (self.marker, 0o777, True))
+
+
+def test_verify_never_unpickles_stored_objects(tmp_path, monkeypatch):
+    """A hostile `_extra_state` payload in the checkpoint is never deserialized by verify
+    (megatron's own load would: DCP reads objects with weights_only=False)."""
+    from megatron.core import dist_checkpointing
+
+    marker = tmp_path / "unpickled"
+    original = dcp_io.DistCheckpointWriter.add_object
+    monkeypatch.setattr(dcp_io.DistCheckpointWriter, "add_object", lambda self, key, data: original(
+        self, key, _Boom(str(marker)) if "_extra_state" in key else data))
+    src = make_hf_model(tmp_path / "hf", dtype=torch.float32)
+    hf_to_megatron(src, tmp_path / "mg", show_progress=False)
+    monkeypatch.undo()
+    assert verify(src, tmp_path / "mg").max_abs_logit_diff <= TOLERANCE
+    assert not marker.exists()
+    model, _ = load_megatron_model(tmp_path / "mg")  # control: the payload is live
+    dist_checkpointing.load(model.sharded_state_dict(), str(resolve_iter_dir(tmp_path / "mg")))
+    assert marker.exists()
+
+
 def test_wrong_qkv_layout_is_detected(tmp_path, monkeypatch):
     """Negative control: a plain [q; k; v] concatenation must not pass the parity check."""
     src = make_hf_model(tmp_path / "hf", dtype=torch.float32)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from prolong_nemo.convert import hf_config, megatron_io
+from prolong_nemo.convert import dcp_io, hf_config, megatron_io
 from prolong_nemo.convert.mapping import ConversionError
 from prolong_nemo.model.config import LlamaArch
 
@@ -57,12 +57,21 @@ def load_megatron_model(ckpt: Path, arch: LlamaArch | None = None, seq_length: i
 
     iter_dir = megatron_io.resolve_iter_dir(Path(ckpt))
     arch = arch or megatron_io.read_recorded_config(iter_dir)[0]
+    dcp_io.load_metadata(iter_dir)  # allow-listed unpickling first: refuses a hostile .metadata
     ensure_single_process_group()
     model = build_gpt_model(arch, seq_length, backend="local")
     # Nested under "model" like Megatron / Bridge training; common-state keys sit beside it.
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir))
+    state = dist_checkpointing.load({"model": _weights_only(model.sharded_state_dict())}, str(iter_dir))
     model.load_state_dict(state["model"], strict=True)
     return model.eval(), arch
+
+
+def _weights_only(sharded: dict) -> dict:
+    """Keep the model's own `_extra_state` objects: DCP would unpickle the stored ones with
+    weights_only=False, and they carry no weights (FP8 metadata, empty here)."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
+
+    return {k: LocalNonpersistentObject(v.data) if isinstance(v, ShardedObject) else v for k, v in sharded.items()}
 
 
 def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
