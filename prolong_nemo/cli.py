@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(top._group_module)
     group_parser = argparse.ArgumentParser(prog=f"prolong-nemo {top.command}")
     module.configure_parser(group_parser)
-    args = group_parser.parse_args(argv[1:])
+    # Options may follow positionals (`plan stage_64k --json parallel.cp=2`); argparse only
+    # supports that for parsers without sub-commands.
+    parse = group_parser.parse_args if group_parser._subparsers else group_parser.parse_intermixed_args
+    args = parse(argv[1:])
     try:
         return int(args.func(args) or 0)
     except UserError as e:  # bad input: the message names the file and sample; no traceback

@@ -21,4 +21,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements-cpu.txt -e '.[test]'
+
+# Packages the tests read but that must NOT be importable from the venv itself (each beside it,
+# --no-deps, in its own folder; tests put it on sys.path or use it in a subprocess):
+# - megatron-bridge: the real glue code it calls into; it imports TE, which a CPU cannot load.
+# - nemo-run: its normal install pulls ray and downgrades httpx/anyio/urllib3.
+# - transformers 5: what NGC containers ship; proves our modules import beside it.
+extra() { local dir=.venv/extras/$1; shift; [ -d "$dir" ] || .venv/bin/python -m pip install -q --no-deps --target "$dir" "$@"; }
+extra bridge megatron-bridge==0.6.2
+extra nemo-run -r recipes/requirements-launch.txt
+extra transformers5 transformers==5.12.1 huggingface-hub==1.5.0 typer click shellingham annotated-doc
 echo "prolong-nemo installed in .venv"

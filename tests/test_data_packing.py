@@ -131,3 +131,16 @@ def test_padding_overhead_under_one_percent_at_cp8_for_prolong_like_documents():
     assert 0 < np.mean(overheads) < 0.01, np.mean(overheads)
     # exact value on a tiny hand-checked case: 5 -> 16, 16 -> 16, 3 -> 16
     assert padding_overhead(np.array([5, 16, 3]), PackingConfig(cp_size=8)) == pytest.approx((11 + 13) / 24)
+
+
+def test_instruction_masks_switch():
+    """Pretraining stages ignore the `mask` column (as the reference outside SFT); SFT applies it."""
+    rng = np.random.default_rng(3)
+    ids, indices = random_documents(rng, 64, max_docs=4)
+    mask = (rng.random(64) < 0.5).astype(np.uint8)
+    off = build_row(ids, indices, mask, PackingConfig(instruction_masks=False))
+    plain = build_row(ids, indices, None, PackingConfig())
+    on = build_row(ids, indices, mask, PackingConfig())
+    np.testing.assert_array_equal(off["loss_mask"], plain["loss_mask"])
+    assert on["loss_mask"].sum() < off["loss_mask"].sum()
+    assert row_triples(on) == reference_triples(ids, indices, mask)[0]

@@ -29,6 +29,9 @@ class PackingConfig:
     tp_size: int = 1
     sequence_parallel: bool = False
     document_masking: bool = True  # False: one segment per sample (ProLong's ablation)
+    # Use the MDS `mask` column (assistant tokens only) where present. The reference applies it
+    # only in SFT (`apply_instruct_masks`): the pretraining stages train on all of tuluv2.
+    instruction_masks: bool = True
 
     def __post_init__(self) -> None:
         for name in ("cp_size", "tp_size"):
@@ -89,6 +92,8 @@ def build_row(
 ) -> dict[str, np.ndarray]:
     """Turn one validated sample into the row arrays of docs/batch-contract.md (no batch axis)."""
     starts, ends = document_segments(len(input_ids), indices, config.document_masking)
+    if not config.instruction_masks:
+        mask = None
     padded = padded_lengths(ends - starts, config)
     cu_padded = np.zeros(len(padded) + 1, dtype=np.int64)
     np.cumsum(padded, out=cu_padded[1:])

@@ -291,32 +291,20 @@ def model_overrides(recipe: RecipeConfig) -> dict[str, Any]:
 def build_prolong_datasets(*, domains: list[dict], seq_length: int, seed: int, document_masking: bool,
                            cp_size: int, tp_size: int, sequence_parallel: bool, vocab_size: int,
                            cache_dir: str | None, train_samples: int, valid_samples: int = 0,
-                           test_samples: int = 0, instruction_masks: bool | None = None) -> list:
+                           test_samples: int = 0, instruction_masks: bool = True) -> list:
     """Train / valid / test datasets of the data adapter for a provider's fields.
 
     `instruction_masks`: the reference applies MDS `mask` columns only in SFT
-    (`apply_instruct_masks`); stage 1 and 2 train on every token of tuluv2 too. It is passed
-    to the adapter where its config has that switch; otherwise the adapter applies masks
-    wherever the data has them, and a pretraining stage over masked data is warned about.
+    (`apply_instruct_masks`); stages 1 and 2 train on every token of tuluv2 too.
     """
-    import dataclasses
-    import warnings
-
-    from prolong_nemo.data.dataset import ProLongDatasetConfig, build_datasets, dataset_config
+    from prolong_nemo.data.dataset import build_datasets, dataset_config
     from prolong_nemo.data.mixture import Mixture
     from prolong_nemo.data.packing import PackingConfig
 
     mixture = Mixture.parse([(d["path"], d["proportion"]) for d in domains])
     packing = PackingConfig(cp_size=cp_size, tp_size=tp_size, sequence_parallel=sequence_parallel,
-                            document_masking=document_masking)
-    extra = {}
-    if instruction_masks is not None:
-        if "instruction_masks" in {f.name for f in dataclasses.fields(ProLongDatasetConfig)}:
-            extra["instruction_masks"] = instruction_masks
-        elif not instruction_masks:
-            warnings.warn("the data adapter applies MDS `mask` columns wherever present (e.g. tuluv2); "
-                          "the reference ignores them outside SFT", stacklevel=2)
+                            document_masking=document_masking, instruction_masks=instruction_masks)
     config = dataset_config(mixture, sequence_length=seq_length, seed=seed, packing=packing,
-                            vocab_size=vocab_size, cache_dir=cache_dir, **extra)
+                            vocab_size=vocab_size, cache_dir=cache_dir)
     sizes = [train_samples, valid_samples or None, test_samples or None]
     return build_datasets(config, sizes)
