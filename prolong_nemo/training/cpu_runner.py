@@ -19,7 +19,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -207,12 +207,12 @@ def load_checkpoint(root: str | Path, state: TrainState) -> bool:
 # ---- the loop ------------------------------------------------------------------------------
 
 
-def _micro_batches(dataset: Sequence, start: int, count: int, collate: Callable) -> Iterator:
+def _local_rows(dataset: Sequence, start: int, count: int) -> list:
+    """This DP rank's rows of the step (global sample order: rank r takes the r-th block)."""
     from megatron.core import parallel_state
 
     first = start + parallel_state.get_data_parallel_rank() * count
-    for i in range(first, first + count):
-        yield collate([dataset[i % len(dataset)]])
+    return [dataset[i % len(dataset)] for i in range(first, first + count)]
 
 
 def train_step(state: TrainState, cfg: TrainConfig, dataset: Sequence, collate: Callable) -> StepRecord:
@@ -220,14 +220,15 @@ def train_step(state: TrainState, cfg: TrainConfig, dataset: Sequence, collate: 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     dp = parallel_state.get_data_parallel_world_size()
-    rows = [dataset[(state.consumed_samples + i) % len(dataset)] for i in range(cfg.micro_batches * dp)]
-    tokens = sum(int(r["tokens"].shape[-1]) for r in rows)
+    rows = _local_rows(dataset, state.consumed_samples, cfg.micro_batches)
+    tokens = torch.tensor(sum(int(r["tokens"].shape[-1]) for r in rows), dtype=torch.int64)
+    dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
     started = time.perf_counter()
     state.model.train()
     state.optimizer.zero_grad(set_to_none=True)
     reports = get_forward_backward_func()(
         forward_step_func=make_forward_step(StepOptions(cfg.loss_impl, cfg.chunk_tokens)),
-        data_iterator=_micro_batches(dataset, state.consumed_samples, cfg.micro_batches, collate),
+        data_iterator=(collate([row]) for row in rows),
         model=[state.model],
         num_microbatches=cfg.micro_batches,
         seq_length=cfg.seq_length,
@@ -241,7 +242,7 @@ def train_step(state: TrainState, cfg: TrainConfig, dataset: Sequence, collate: 
     state.step += 1
     state.consumed_samples += cfg.micro_batches * dp
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    record = StepRecord(state.step, global_token_mean(reports, group), tokens, time.perf_counter() - started)
+    record = StepRecord(state.step, global_token_mean(reports, group), int(tokens), time.perf_counter() - started)
     state.history.append(record)
     return record
 
