@@ -313,11 +313,9 @@ class DistCheckpointReader:
             rel = [s - o for s, o in zip(start, chunk.offsets)]
             if any(r < 0 or r + n > m for r, n, m in zip(rel, size, chunk.sizes)):
                 continue
-            # contiguous iff every axis after the first partial one is full and all before are 1
-            partial = [i for i, (n, m) in enumerate(zip(size, chunk.sizes)) if n != m]
-            if partial and any(size[i] != 1 for i in range(partial[0])):
-                return None
-            if partial and any(size[i] != chunk.sizes[i] for i in range(partial[0] + 1, len(size))):
+            # C-order sub-block is contiguous iff every axis after the first non-1 axis is full
+            first = next((i for i, n in enumerate(size) if n != 1), len(size))
+            if any(size[i] != chunk.sizes[i] for i in range(first + 1, len(size))):
                 return None
             layout = self._layout(key, chunk)
             if layout is None:
