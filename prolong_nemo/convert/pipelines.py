@@ -152,14 +152,13 @@ def _write_megatron(arch: LlamaArch, reader: SafetensorsFolder, root: Path, show
     total = sum(st.nbytes for n, st in reader.tensors.items() if n != "lm_head.weight" or not arch.tie_word_embeddings)
     bar = outputs.progress(total, "hf -> megatron", show)
     count = nbytes = 0
-    arena = Arena()
+    arena = Arena()  # each tensor is a view of it, valid until the next _fill_mcore
     try:
         for tmap in mapping.global_maps(arch):
             tensor = _fill_mcore(arch, reader, tmap, None, arena)
             writer.add_chunk(tmap.mcore, tensor, tuple(tensor.shape), (0,) * tensor.dim())
             count, nbytes = count + 1, nbytes + tensor.nbytes
             bar.update(tensor.nbytes)
-            del tensor  # before the next one is read: one tensor in memory at a time
         _write_extra_states(writer, arch, None)
         for layer in range(arch.num_layers):
             writer.new_file()
@@ -169,7 +168,6 @@ def _write_megatron(arch: LlamaArch, reader: SafetensorsFolder, root: Path, show
                 writer.add_chunk(tmap.mcore, tensor, shape, (layer,) + (0,) * (tensor.dim() - 1))
                 count, nbytes = count + 1, nbytes + tensor.nbytes
                 bar.update(tensor.nbytes)
-                del tensor
             _write_extra_states(writer, arch, layer)
         writer.finish(megatron_io.common_state(0))
     finally:
@@ -269,7 +267,10 @@ def _export_jobs(arch: LlamaArch, reader: dcp_io.DistCheckpointReader) -> list[E
         (i, m) for i in range(arch.num_layers) for m in mapping.LAYER_MAPS
     ]:
         job = ExportJob(tmap, layer, [])
-        dtype = reader.dtype(_segments(arch, reader, job)[0].key)
+        dtypes = {reader.dtype(seg.key) for seg in _segments(arch, reader, job)}
+        if len(dtypes) != 1:
+            raise ConversionError(f"{reader.directory}: tensor {tmap.mcore} (layer {layer}) mixes dtypes {dtypes}")
+        dtype = dtypes.pop()
         job.hf.extend(PlannedTensor(n, dtype, mapping.hf_shape(arch, n)) for n in tmap.hf_names(layer))
         jobs.append(job)
     return jobs
