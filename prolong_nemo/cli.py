@@ -43,14 +43,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_optional_backend_warnings() -> None:
-    """TE/Apex are optional here; megatron-core and torch warn about them on every import."""
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|absl).*")
+# Messages megatron-core / torch print on every run that say nothing about this run: optional
+# backends (TE, Apex) being absent, and deprecations inside the libraries' own code.
+_NOISY_WARNINGS = (".*(Transformer Engine|Apex|absl).*", ".*torch.distributed is disabled.*",
+                   ".*argument order of load has been changed.*", ".*Please use DTensor instead.*",
+                   ".*full scope is deprecated.*", ".*Could not determine rank.*")
+_NOISY_LOGS = {
+    "megatron.core.models.gpt.gpt_model": "GPTModel IS DEPRECATED",
+    "megatron.core.dist_checkpointing.strategies.common": "load_common is deprecated",
+    "megatron.core.dist_checkpointing.strategies.torch": "async save is deprecated",
+    "megatron.core.datasets.blended_dataset": "Cannot save the BlendedDataset indexes",
+}
+
+
+def quiet_known_noise() -> None:
+    for pattern in _NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    for name, text in _NOISY_LOGS.items():
+        logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_optional_backend_warnings()
+    quiet_known_noise()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):

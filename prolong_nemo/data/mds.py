@@ -224,6 +224,19 @@ MASK_COLUMN = {"mask": "ndarray:uint8"}
 SHARD_SIZE_LIMIT = 1 << 26  # 64 MiB, as in the published shards
 
 
+def prepare_output_dir(out_dir, overwrite: bool) -> None:
+    """An empty output folder: refuse to mix with existing data unless told to replace it."""
+    import shutil
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} exists and is not empty (use --overwrite)")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
 def write_domain(folder: str, samples, *, with_mask: bool = False, columns: dict[str, str] | None = None,
                  size_limit: int = SHARD_SIZE_LIMIT) -> int:
     """Write samples (dicts of the packed columns) as one MDS domain folder; returns the count."""

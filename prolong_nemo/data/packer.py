@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prolong_nemo.data.mds import MASK_COLUMN, PACKED_COLUMNS, SHARD_SIZE_LIMIT
+from prolong_nemo.data.mds import MASK_COLUMN, PACKED_COLUMNS, SHARD_SIZE_LIMIT, prepare_output_dir
 from prolong_nemo.errors import DataError, UserError
 
 LLAMA3_BOS_ID = 128000
@@ -407,7 +407,7 @@ def pack_mds(inputs: Sequence[Path], out_dir: Path, options: PackOptions, *,
 
     mds_dirs = [d for p in inputs for d in find_mds_dirs(Path(p))]
     with_mask = has_mask_column(mds_dirs)
-    _prepare_out_dir(Path(out_dir), overwrite)
+    prepare_output_dir(Path(out_dir), overwrite)
     packer, writers = Packer(options), SubsetWriters(Path(out_dir), with_mask)
     try:
         docs = tqdm(iter_raw_documents(mds_dirs), desc="pack", unit="doc", disable=not progress,
@@ -422,14 +422,6 @@ def pack_mds(inputs: Sequence[Path], out_dir: Path, options: PackOptions, *,
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return packer.finish()
-
-
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty (use --overwrite)")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

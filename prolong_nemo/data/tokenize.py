@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prolong_nemo.data.mds import SHARD_SIZE_LIMIT
+from prolong_nemo.data.mds import SHARD_SIZE_LIMIT, prepare_output_dir
 from prolong_nemo.errors import UserError
 
 ASSISTANT = "assistant"
@@ -297,7 +297,7 @@ def tokenize_files(inputs: Sequence[Path], out_dir: Path, opts: TokenizeOptions 
     kinds = [detect_format(p, opts) for p in files]
     with_mask = _check_kinds(files, kinds)
     stats = TokenizeStats(files=len(files))
-    _prepare_out_dir(Path(out_dir), overwrite)
+    prepare_output_dir(Path(out_dir), overwrite)
     columns = dict(RAW_COLUMNS, **({"mask": "ndarray:uint8"} if with_mask else {}))
     writer = MDSWriter(columns=columns, out=str(out_dir), compression=None, size_limit=SHARD_SIZE_LIMIT)
     try:
@@ -338,14 +338,6 @@ def _write(writer, doc: EncodedDoc, stats: TokenizeStats) -> None:
     stats.documents_out += 1
     stats.tokens_out += len(doc.input_ids)
     stats.per_domain[doc.domain] = stats.per_domain.get(doc.domain, 0) + 1
-
-
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty (use --overwrite)")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,8 +61,10 @@ PRESETS: dict[str, LlamaArch] = {
         num_layers=2, hidden_size=64, ffn_hidden_size=224, num_attention_heads=4,
         num_query_groups=2, vocab_size=512, max_position_embeddings=4096,
     ),
+    # The CPU demo: the real Llama-3 tokenizer, so the full vocabulary; narrow, because the
+    # [tokens x 128256] LM head dominates a CPU step.
     "llama3-demo": LlamaArch(
-        num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=8,
+        num_layers=4, hidden_size=128, ffn_hidden_size=448, num_attention_heads=4,
         num_query_groups=2, vocab_size=128256, max_position_embeddings=8192,
     ),
 }

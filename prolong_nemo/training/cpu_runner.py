@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from prolong_nemo.model.config import preset
+from prolong_nemo.model.config import LlamaArch, preset
 from prolong_nemo.model.cross_entropy import DEFAULT_CHUNK_TOKENS
 from prolong_nemo.model.loss import LossImpl, global_token_mean
 from prolong_nemo.model.megatron_config import ParallelSizes
@@ -78,6 +78,7 @@ class TrainState:
     scheduler: object
     step: int = 0
     consumed_samples: int = 0
+    arch: LlamaArch | None = None  # recorded in every checkpoint, so exports carry its rope_theta
     history: list[StepRecord] = field(default_factory=list)
 
 
@@ -138,6 +139,8 @@ def build_state(cfg: TrainConfig) -> TrainState:
     from prolong_nemo.model.builder import build_gpt_model
 
     arch = preset(cfg.preset) if cfg.rope_theta is None else preset(cfg.preset, rope_theta=cfg.rope_theta)
+    # the context this run trains is the model's context from now on
+    arch = arch.replace(max_position_embeddings=max(arch.max_position_embeddings, cfg.seq_length))
     torch.manual_seed(cfg.seed)
     model = build_gpt_model(arch, cfg.seq_length, backend="local", parallel=ParallelSizes(cp=cfg.cp))
     model.config.finalize_model_grads_func = finalize_grads
@@ -151,7 +154,7 @@ def build_state(cfg: TrainConfig) -> TrainState:
         lr_decay_steps=cfg.train_iters, lr_decay_style="cosine", start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay, wd_incr_steps=cfg.train_iters, wd_incr_style="constant",
     )
-    return TrainState(model, optimizer, scheduler)
+    return TrainState(model, optimizer, scheduler, arch=arch)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
@@ -182,6 +185,10 @@ def save_checkpoint(root: str | Path, state: TrainState) -> Path:
         "train_state": {"step": state.step, "consumed_samples": state.consumed_samples},
     }
     dist_checkpointing.save(sharded, str(target))
+    if dist.get_rank() == 0 and state.arch is not None:
+        from prolong_nemo.convert import write_run_config
+
+        write_run_config(target, state.arch, source="prolong_nemo cpu runner")
     dist.barrier()
     if dist.get_rank() == 0:
         (root / LATEST_FILE).write_text(f"{state.step}\n")
