@@ -94,13 +94,10 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) ->
 
     apply_cpu_patches()
     if not dist.is_initialized():
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world > 1:
-                raise RuntimeError("multi-process CPU runs need MASTER_PORT (launch with torchrun)")
-            os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        if "WORLD_SIZE" in os.environ:  # torchrun (or the user) set up the rendezvous
+            dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        else:  # a world of one on a free port, leaving os.environ (and child processes) alone
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tp, pp, context_parallel_size=cp)
     model_parallel_cuda_manual_seed(seed)
