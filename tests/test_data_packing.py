@@ -144,3 +144,25 @@ def test_instruction_masks_switch():
     np.testing.assert_array_equal(off["loss_mask"], plain["loss_mask"])
     assert on["loss_mask"].sum() < off["loss_mask"].sum()
     assert row_triples(on) == reference_triples(ids, indices, mask)[0]
+
+
+@pytest.mark.parametrize("config", [PackingConfig(cp_size=8), PackingConfig(cp_size=4, tp_size=2, sequence_parallel=True)],
+                         ids=repr)
+def test_rows_partition_across_cp_ranks_without_loss(config):
+    """Every real token and target lands on exactly one CP rank (the model's TE-equivalent split)."""
+    import torch
+
+    from prolong_nemo.model.context_parallel import thd_partition_indices
+
+    rng = np.random.default_rng(5)
+    ids, indices = random_documents(rng, 997, max_docs=30)
+    row = build_row(ids, indices, None, config)
+    T, c = len(row["tokens"]), config.cp_size
+    seen = np.zeros(T, dtype=int)
+    for rank in range(c):
+        idx = thd_partition_indices(torch.from_numpy(row["cu_seqlens_q_padded"]), T, c, rank).numpy()
+        assert len(idx) == T // c
+        if config.sequence_parallel:
+            assert len(idx) % config.tp_size == 0  # sequence parallelism splits each rank's tokens by TP
+        seen[idx] += 1
+    assert (seen == 1).all()
