@@ -104,7 +104,7 @@ def cpu_train_config(recipe: RecipeConfig, dp: int = 1, exit_after: int | None =
         min_lr=o.min_lr, warmup_iters=recipe.warmup_steps, weight_decay=o.weight_decay,
         adam_betas=(o.adam_beta1, o.adam_beta2), clip_grad=o.clip_grad, loss_impl=recipe.loss.impl,
         chunk_tokens=recipe.loss.chunk_tokens, save_dir=recipe.checkpoint.dir,
-        save_interval=recipe.checkpoint.save_interval, exit_after=exit_after,
+        save_interval=recipe.checkpoint.save_interval, stop_after=exit_after,
         log_interval=recipe.logging.log_interval, seed=recipe.train.seed,
     )
 
@@ -169,9 +169,10 @@ def _peak_rss_bytes() -> float:
 
 def run_cpu(recipe: RecipeConfig, *, log: Callable[[str], None] = print, exit_after: int | None = None,
             synthetic_data: bool = False):
-    """Train a (small) recipe on CPU; returns the CPU runner's final state."""
-    import math
+    """Train a (small) recipe on CPU; returns the CPU runner's final state.
 
+    `exit_after`: save and stop after that many steps (resubmitting continues).
+    """
     import torch.distributed as dist
 
     from prolong_nemo.data.dataset import collate
@@ -181,34 +182,19 @@ def run_cpu(recipe: RecipeConfig, *, log: Callable[[str], None] = print, exit_af
         raise RecipeError(f"{recipe.name}: the CPU runner trains with tp = pp = cp = 1, got {recipe.parallel}")
     dataset = cpu_dataset(recipe, synthetic_data)
     cpu_runner.init_distributed(seed=recipe.train.seed)
-    dp = dist.get_world_size()
-    cfg = cpu_train_config(recipe, dp=dp, exit_after=exit_after)
-    state = cpu_runner.build_state(cfg)
-    for group in state.optimizer.param_groups:
-        group["eps"] = recipe.optim.adam_eps
-    apply_start(resolve_start(recipe), state, recipe, log)
+    cfg = cpu_train_config(recipe, dp=dist.get_world_size(), exit_after=exit_after)
+    meter = ProgressMeter.for_recipe(recipe, world_size=dist.get_world_size())
 
-    meter = ProgressMeter.for_recipe(recipe, world_size=dp)
-    steps_done = 0
-    while state.step < cfg.train_iters:
-        record = cpu_runner.train_step(state, cfg, dataset, collate)
-        steps_done += 1
-        if not math.isfinite(record.loss):
-            raise FloatingPointError(f"loss is {record.loss} at step {record.step}")
-        if record.step % cfg.log_interval == 0 or record.step == cfg.train_iters:
-            line = meter.line(record.step, record.loss, record.seconds, _peak_rss_bytes(),
-                              lr=state.optimizer.param_groups[0]["lr"], now=time.perf_counter())
-            if dist.get_rank() == 0:
-                log(f"[prolong] {line}")
-        stopping = exit_after is not None and steps_done >= exit_after
-        due = record.step % cfg.save_interval == 0 or record.step == cfg.train_iters
-        if due or stopping:
-            path = cpu_runner.save_checkpoint(cfg.save_dir, state)
-            if dist.get_rank() == 0:
-                log(f"[prolong] saved {path}")
-        if stopping:
-            break
-    return state
+    def start(state) -> None:
+        for group in state.optimizer.param_groups:
+            group["eps"] = recipe.optim.adam_eps
+        apply_start(resolve_start(recipe), state, recipe, log)
+
+    def log_line(record, state, _elapsed, _done) -> str:
+        return "[prolong] " + meter.line(record.step, record.loss, record.seconds, _peak_rss_bytes(),
+                                         lr=state.optimizer.param_groups[0]["lr"], now=time.perf_counter())
+
+    return cpu_runner.train(cfg, dataset, collate, log, start=start, log_line=log_line)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class TrainConfig:
     save_dir: str | None = None
     save_interval: int = 0  # 0: only at the end
     exit_after: int | None = None  # stop after N steps of this run WITHOUT saving (simulated crash)
+    stop_after: int | None = None  # stop after N steps of this run, saving first (a planned pause)
     metrics_file: str | None = None  # JSON lines, one per step, full-precision loss
     log_interval: int = 1
     seed: int = 1234
@@ -261,14 +262,24 @@ def format_log(record: StepRecord, cfg: TrainConfig, state: TrainState, elapsed:
     )
 
 
-def train(cfg: TrainConfig, dataset: Sequence, collate: Callable, log: Callable[[str], None] = print) -> TrainState:
-    """Train (resuming from cfg.save_dir when it holds a checkpoint); returns the final state."""
+def train(cfg: TrainConfig, dataset: Sequence, collate: Callable, log: Callable[[str], None] = print, *,
+          start: Callable[[TrainState], None] | None = None,
+          log_line: Callable[[StepRecord, TrainState, float, int], str] | None = None) -> TrainState:
+    """Train and return the final state.
+
+    `start(state)` decides where training starts (the recipes' resume / chain / weights-only
+    starts); by default the run resumes from cfg.save_dir when it holds a checkpoint.
+    `log_line(record, state, elapsed, steps_done)` formats the progress line.
+    """
     init_distributed(cp=cfg.cp, seed=cfg.seed)
     if dist.get_rank() != 0:
         log = lambda _line: None  # noqa: E731 - one log stream per run
     state = build_state(cfg)
-    if cfg.save_dir and load_checkpoint(cfg.save_dir, state):
+    if start is not None:
+        start(state)
+    elif cfg.save_dir and load_checkpoint(cfg.save_dir, state):
         log(f"resumed from {cfg.save_dir} at step {state.step} ({state.consumed_samples} samples)")
+    log_line = log_line or (lambda record, state, elapsed, done: format_log(record, cfg, state, elapsed, done))
     started, steps_done = time.perf_counter(), 0
     while state.step < cfg.train_iters:
         record = train_step(state, cfg, dataset, collate)
@@ -276,16 +287,20 @@ def train(cfg: TrainConfig, dataset: Sequence, collate: Callable, log: Callable[
         if not math.isfinite(record.loss):
             raise FloatingPointError(f"loss is {record.loss} at step {record.step}")
         if record.step % cfg.log_interval == 0 or record.step == cfg.train_iters:
-            log(format_log(record, cfg, state, time.perf_counter() - started, steps_done))
+            log(log_line(record, state, time.perf_counter() - started, steps_done))
         if cfg.metrics_file and dist.get_rank() == 0:
             with open(cfg.metrics_file, "a") as f:
                 f.write(json.dumps(asdict(record)) + "\n")
         if cfg.exit_after is not None and steps_done >= cfg.exit_after:
             log(f"stopping after {steps_done} steps without saving (exit_after)")
             break
+        stopping = cfg.stop_after is not None and steps_done >= cfg.stop_after
         due = cfg.save_interval and record.step % cfg.save_interval == 0
-        if cfg.save_dir and (due or record.step == cfg.train_iters):
+        if cfg.save_dir and (due or stopping or record.step == cfg.train_iters):
             log(f"saved {save_checkpoint(cfg.save_dir, state)}")
+        if stopping:
+            log(f"stopping after {steps_done} steps (stop_after); resubmit to continue")
+            break
     return state
 
 
