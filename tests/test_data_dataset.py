@@ -79,6 +79,14 @@ def test_random_access_resumes_exactly(stage1_root):
         np.testing.assert_array_equal(resumed[i]["tokens"], seen[i])
 
 
+def test_order_does_not_depend_on_where_the_data_lives(stage1_root, tmp_path):
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(stage1_root, moved)
+    assert sample_keys(build(stage1_root, 300), 300) == sample_keys(build(moved, 300), 300)
+
+
 def test_rows_equal_build_row_of_the_domain_sample(stage1_root):
     train = build(stage1_root, 200, packing=PackingConfig(cp_size=4))
     for i in (0, 17, 199):

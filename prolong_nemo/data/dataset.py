@@ -10,6 +10,7 @@ more samples than it holds cycles through epochs, each in its own seeded order.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +56,10 @@ class ProLongDomainDataset(MegatronDataset):
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
         if len(indices) == 0:
             raise DataError(f"{dataset_path}: the {index_split.name} split of this domain is empty")
-        self._domain_seed = int(hashlib.md5(str(dataset_path).encode(), usedforsecurity=False).hexdigest()[:8], 16)
+        # Seeded by the domain's name, not its path: the same data copied elsewhere (a local
+        # NVMe cache, another mount point) is read in the same order, so resuming still matches.
+        name = os.path.basename(str(dataset_path).rstrip("/"))
+        self._domain_seed = int(hashlib.md5(name.encode(), usedforsecurity=False).hexdigest()[:8], 16)
         self._epochs: OrderedDict[int, np.ndarray] = OrderedDict()
 
     @staticmethod
