@@ -198,3 +198,14 @@ def test_recipe_yaml_path(tmp_path):
     # a standalone file without the defaults list lacks the common keys
     with pytest.raises(RecipeError):
         load_recipe(str(path))
+
+
+def test_recipe_errors_are_user_errors(capsys):
+    """The CLI prints a bad recipe's reason without a traceback (exit code 2), for every command."""
+    from prolong_nemo.cli import main as cli_main
+    from prolong_nemo.errors import UserError
+
+    assert issubclass(RecipeError, UserError)
+    assert cli_main(["train", "stage_9k"]) == 2  # train_recipe does not catch RecipeError itself
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown recipe 'stage_9k'") and "Traceback" not in err

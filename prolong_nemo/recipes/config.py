@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
+from prolong_nemo.errors import UserError
 from prolong_nemo.model.config import LlamaArch, preset
 
 Stage = Literal["64k", "512k", "sft"]
@@ -23,8 +24,8 @@ LOSS_IMPLS: tuple[str, ...] = ("chunked", "fused")
 RECOMPUTE: tuple[str, ...] = ("full", "selective", "none")
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message says why."""
+class RecipeError(UserError):
+    """A recipe that cannot run; the message says why (the CLI prints it without a traceback)."""
 
 
 @dataclass(frozen=True)
