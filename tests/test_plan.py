@@ -126,11 +126,29 @@ def test_divisibility_refusals_skip_the_estimate():
 @pytest.mark.parametrize("change, message", [
     ({"cudnn": "9.5.1"}, "cudnn 9.5.1 is older than 9.6.0"),
     ({"transformer-engine": "2.10.0"}, "transformer-engine 2.10.0 is older than 2.14"),
-    ({"megatron-core": "0.18.0"}, "megatron-core 0.18.0 is older than 0.19"),  # chunked loss hook
+    ({"megatron-core": "0.16.0"}, "megatron-core 0.16.0 is older than 0.17"),
 ])
 def test_old_versions_are_refused(change, message):
     plan = make_plan(load_recipe("stage_64k"), env=GOOD_ENV | change)
     assert not plan.ok and any(message in e for e in plan.errors), plan.errors
+
+
+# NGC NeMo 26.06 (megatron-core 0.18, TE 2.16, Bridge 0.5.0), the Dockerfile's default base
+# image, whose build runs `prolong-nemo plan stage_512k`.
+NGC_26_06 = {"megatron-core": "0.18.0", "megatron-bridge": "0.5.0", "transformer-engine": "2.16.0",
+             "torch": "2.10.0"}
+
+
+@pytest.mark.parametrize("name", ["stage_64k", "stage_512k", "sft"])
+def test_ngc_26_06_stack_passes_with_the_chunked_loss(name):
+    # megatron-core 0.18 has no GPTModel output_processor hook: the forward step falls back to
+    # model.loss.chunked_loss_without_hook, so the chunked loss must not demand 0.19.
+    recipe = load_recipe(name)
+    assert recipe.loss.impl == "chunked"
+    plan = make_plan(recipe, env=NGC_26_06 | {"cudnn": "9.10.1"}, strict_env=True)
+    assert plan.ok, plan.errors
+    no_gpu = make_plan(recipe, env=NGC_26_06)  # docker build: no GPU, so no cuDNN version
+    assert no_gpu.ok and [w for w in no_gpu.warnings if "cudnn" in w], no_gpu.warnings
 
 
 def test_stage_chaining_needs_bridge_0_5():

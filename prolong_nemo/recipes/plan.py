@@ -44,8 +44,9 @@ VOCAB_DIVISIBLE_BY = 128  # Megatron's make_vocab_size_divisible_by (times tp)
 # Minimum versions. cuDNN 9.6 is the first with fused attention for THD + GQA on Hopper.
 MIN_CUDNN = (9, 6, 0)
 MIN_TE = (2, 14)          # NGC 26.04
-MIN_MCORE = (0, 17)       # Python 3.12 line; packed THD + CP
-MIN_MCORE_CHUNKED = (0, 19)  # GPTModel.forward(output_processor=...) for the chunked LM head
+# Packed THD + CP. The chunked loss needs no newer one: below 0.19 (no GPTModel
+# `output_processor` hook) the forward step runs `model.loss.chunked_loss_without_hook`.
+MIN_MCORE = (0, 17)
 MIN_BRIDGE = (0, 4)       # NGC 26.04
 MIN_BRIDGE_CHAIN = (0, 5)  # the on_data_init_start callback event (stage chaining)
 
@@ -229,9 +230,7 @@ def requirements(recipe: RecipeConfig) -> list[Requirement]:
     if recipe.cluster.gpu_memory_gb <= 0:  # a CPU recipe: the CPU runner needs megatron-core only
         return [Requirement("megatron-core", MIN_MCORE, "packed THD sequences on the CPU runner")]
     reqs = [
-        Requirement("megatron-core", MIN_MCORE_CHUNKED if recipe.loss.impl == "chunked" else MIN_MCORE,
-                    "GPTModel output_processor hook for the chunked LM head"
-                    if recipe.loss.impl == "chunked" else "packed THD sequences"),
+        Requirement("megatron-core", MIN_MCORE, "packed THD sequences with context parallelism"),
         Requirement("transformer-engine", MIN_TE, "fused THD attention and context parallelism"),
         Requirement("megatron-bridge", MIN_BRIDGE_CHAIN if recipe.checkpoint.init == "weights_and_optimizer"
                     else MIN_BRIDGE,
