@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -201,6 +202,8 @@ def write_report(cfg: DemoConfig, report: DemoReport) -> str:
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoReport:
     cfg.out.mkdir(parents=True, exist_ok=True)
+    # Each demo trains from its start: checkpoints of an earlier demo would be resumed instead.
+    shutil.rmtree(cfg.out / "runs", ignore_errors=True)
     report = DemoReport(config={k: str(v) for k, v in asdict(cfg).items()})
     step = Timer(report, log)
     roots = step("data: corpus, tokenize, pack", prepare_data, cfg, report, log)
