@@ -39,7 +39,9 @@ RUN python -m pip install --no-deps --no-build-isolation -e .
 
 # Refuse an image whose Megatron / transformers stack moved, and check that the plugin's
 # data and recipe modules import under the container's transformers (no GPU at build time:
-# nothing that imports Transformer Engine is imported here).
+# nothing that imports Transformer Engine is imported here). The plan of stage_64k checks the
+# container's megatron-core / TE / Bridge versions; stage_512k would also demand Bridge >= 0.5
+# and refuse the 26.04 base (tests/test_plan.py runs this line against both stacks).
 RUN python -m pip list --format=freeze \
       | grep -iE '^(torch|transformers|numpy|megatron[-_]core|megatron[-_]bridge|transformer[-_]engine[-_a-z0-9]*|nvidia-cudnn[-_a-z0-9]*)==' \
       | sort > /tmp/stack-after.txt \
@@ -48,7 +50,7 @@ RUN python -m pip list --format=freeze \
 from prolong_nemo.recipes.stages import load_recipe; from prolong_nemo.recipes.plan import make_plan; \
 [load_recipe(n) for n in ('stage_64k', 'stage_512k', 'sft')]; \
 print('transformers', transformers.__version__, '- recipes OK')" \
- && prolong-nemo plan stage_512k
+ && prolong-nemo plan stage_64k
 
 # On a GPU node, `prolong-nemo plan <recipe> --strict-env` also checks TE, cuDNN and Bridge.
 CMD ["prolong-nemo", "--help"]

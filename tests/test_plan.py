@@ -139,6 +139,10 @@ NGC_26_06 = {"megatron-core": "0.18.0", "megatron-bridge": "0.5.0", "transformer
              "torch": "2.10.0"}
 
 
+NGC_26_04 = {"megatron-core": "0.17.0", "megatron-bridge": "0.4.0", "transformer-engine": "2.14.0",
+             "torch": "2.10.0"}
+
+
 @pytest.mark.parametrize("name", ["stage_64k", "stage_512k", "sft"])
 def test_ngc_26_06_stack_passes_with_the_chunked_loss(name):
     # megatron-core 0.18 has no GPTModel output_processor hook: the forward step falls back to
@@ -189,3 +193,21 @@ def test_plan_command_exit_codes(capsys):
     assert data["memory_gb"]["weights"] == pytest.approx(8.030527488)
     assert any("transformer-engine" in e for e in data["errors"])
     assert cli_main(["plan", "stage_9k"]) == 2
+
+
+@pytest.mark.parametrize("stack", [NGC_26_04, NGC_26_06], ids=["26.04", "26.06"])
+def test_dockerfile_build_plan_passes_on_the_advertised_bases(stack):
+    """The Dockerfile's build-time `prolong-nemo plan` must pass on both bases it advertises."""
+    from pathlib import Path
+
+    dockerfile = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    assert "nemo:26.06" in dockerfile and ":26.04" in dockerfile
+    commands = [line.split("prolong-nemo plan", 1)[1].split() for line in dockerfile.splitlines()
+                if "prolong-nemo plan" in line and not line.lstrip().startswith("#")]
+    assert commands
+    for args in commands:
+        plan = make_plan(load_recipe(args[0], [a for a in args[1:] if not a.startswith("-")]), env=stack)
+        assert plan.ok, (args, plan.errors)
+    # chaining needs Bridge >= 0.5: on 26.04 the 512K stage is refused with that reason
+    if stack is NGC_26_04:
+        assert any("older than 0.5" in e for e in make_plan(load_recipe("stage_512k"), env=stack).errors)
