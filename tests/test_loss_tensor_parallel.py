@@ -110,3 +110,43 @@ def test_sequence_parallel_mapping_of_the_chunked_processor(tmp_path):
         assert (p["loss"] - ref.detach()).abs().max().item() <= 1e-5
     assert (torch.cat([p["grad_h"] for p in parts]) - hidden.grad).abs().max().item() <= 1e-5
     assert (torch.cat([p["grad_w"] for p in parts]) - weight.grad).abs().max().item() <= 1e-5
+
+
+def _no_group_attr_worker(rank: int, world: int, port: int, out: str) -> None:
+    """An output layer without a `tp_group` attribute (older megatron-core layers): the
+    processor must still reduce over megatron's TP group, not treat the shard as the vocabulary."""
+    from types import SimpleNamespace
+
+    from prolong_nemo.model.loss import ChunkedLossProcessor
+
+    _init(rank, world, port)
+    hidden, weight, labels = _sp_inputs()
+    v = weight.size(0) // world
+    h = hidden.clone().requires_grad_()  # no sequence parallelism: every rank has all tokens
+    w_local = weight[rank * v : (rank + 1) * v].clone().requires_grad_()
+    layer = SimpleNamespace(sequence_parallel=False, weight=w_local)
+    loss = ChunkedLossProcessor(chunk_tokens=7)(
+        hidden_states=h, output_layer=layer, output_weight=None, labels=labels, config=SimpleNamespace()
+    )
+    loss.sum().backward()
+    torch.save({"loss": loss.detach(), "grad_h": h.grad, "grad_w": w_local.grad}, f"{out}.{rank}")
+
+
+def test_chunked_processor_falls_back_to_megatron_tp_group(tmp_path):
+    from model_fixtures import _free_port
+
+    from prolong_nemo.model.cross_entropy import full_linear_cross_entropy
+
+    out = str(tmp_path / "nogroup")
+    mp.spawn(_no_group_attr_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    hidden, weight, labels = _sp_inputs()
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    ref = full_linear_cross_entropy(hidden.transpose(0, 1), weight, labels)  # [b, s]
+    ref.sum().backward()
+    parts = [torch.load(f"{out}.{r}") for r in range(2)]
+    for p in parts:
+        assert (p["loss"] - ref.detach()).abs().max().item() <= 1e-5
+        # megatron's TP region mapping all-reduced the hidden gradient over the two shards
+        assert (p["grad_h"] - hidden.grad).abs().max().item() <= 1e-5
+    assert (torch.cat([p["grad_w"] for p in parts]) - weight.grad).abs().max().item() <= 1e-5

@@ -47,7 +47,7 @@ class ChunkedLossProcessor:
         weight = output_weight if output_weight is not None else output_layer.weight
         # (a Float16Module wrapper may have cast hidden states to fp32 on the fallback path)
         hidden = _enter_vocab_parallel_region(hidden_states.to(weight.dtype), output_layer)
-        group = getattr(output_layer, "tp_group", None)
+        group = _tp_group(output_layer)
         rank = group.rank() if group is not None else 0
         shard = VocabShard(start=rank * weight.size(0), group=group)
         loss = chunked_linear_cross_entropy(hidden, weight, labels.transpose(0, 1), self.chunk_tokens, shard)
@@ -81,6 +81,21 @@ def chunked_loss_without_hook(model, tokens, position_ids, labels, packed_seq_pa
     )
 
 
+def _tp_group(output_layer):
+    """The output layer's TP group; megatron's global TP group when the layer does not carry one.
+
+    Never "no group" while model parallelism is initialized: without the group every rank
+    would treat its vocabulary shard as the whole vocabulary (silently wrong loss under TP).
+    """
+    group = getattr(output_layer, "tp_group", None)
+    if group is None:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            group = parallel_state.get_tensor_model_parallel_group()
+    return group
+
+
 def _enter_vocab_parallel_region(hidden: Tensor, output_layer) -> Tensor:
     """Same TP mapping as ColumnParallelLinear: identity/all-reduce, or SP all-gather/reduce-scatter."""
     from megatron.core.tensor_parallel.mappings import (
@@ -88,7 +103,7 @@ def _enter_vocab_parallel_region(hidden: Tensor, output_layer) -> Tensor:
         gather_from_sequence_parallel_region,
     )
 
-    group = getattr(output_layer, "tp_group", None)
+    group = _tp_group(output_layer)
     if group is None or group.size() == 1:
         return hidden
     if getattr(output_layer, "sequence_parallel", False):
