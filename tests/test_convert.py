@@ -22,6 +22,7 @@ from prolong_nemo.convert import ConversionError, hf_to_megatron, megatron_to_hf
 from prolong_nemo.convert import dcp_io
 from prolong_nemo.convert.hf_config import arch_from_hf_config
 from prolong_nemo.convert.megatron_io import read_recorded_config, resolve_iter_dir
+from prolong_nemo.errors import UserError
 
 TINY = dict(
     vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -335,6 +336,28 @@ def test_malicious_checkpoint_metadata_is_refused(tmp_path):
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+def _global_call_pickle(module: str, name: str, arg: str) -> bytes:
+    """Protocol-4 pickle of `module.name(arg)` (STACK_GLOBAL, which resolves dotted names)."""
+    def text(s: str) -> bytes:
+        return pickle.SHORT_BINUNICODE + bytes([len(s.encode())]) + s.encode()
+
+    return (b"\x80\x04" + text(module) + text(name) + pickle.STACK_GLOBAL + text(arg) + pickle.TUPLE1
+            + pickle.REDUCE + pickle.STOP)
+
+
+@pytest.mark.parametrize("module, name", [
+    ("torch.distributed.checkpoint.filesystem", "os.makedirs"),  # attribute path through an allowed module
+    ("torch.distributed.checkpoint.filesystem", "os"),  # a module re-exported by an allowed module
+    ("torch.distributed.checkpoint.state_dict_saver", "save"),  # a function, not a metadata class
+])
+def test_metadata_allow_list_resolves_only_dcp_classes(tmp_path, module, name):
+    marker = tmp_path / "unpickled"
+    (tmp_path / ".metadata").write_bytes(_global_call_pickle(module, name, str(marker)))
+    with pytest.raises(ConversionError, match=f"refusing to unpickle {module}.{name}"):
+        dcp_io.load_metadata(tmp_path)
+    assert not marker.exists()
+
+
 def test_truncated_safetensors_is_refused(tmp_path):
     src = make_hf_model(tmp_path / "hf", shard="10GB")
     f = src / "model.safetensors"
@@ -404,7 +427,9 @@ def test_cli_round_trip_and_errors(tmp_path, capsys):
     assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
     _edit_config(src, num_key_value_heads=3)
     assert cli_main(["convert", "hf-to-megatron", str(src), str(tmp_path / "mg2"), "--quiet"]) == 2
-    assert "not divisible by num_key_value_heads 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: " in err and "not divisible by num_key_value_heads 3" in err and "Traceback" not in err
+    assert issubclass(ConversionError, UserError)  # the CLI's own handler prints it (exit code 2)
 
 
 def test_bridge_run_config_and_release_tracker_are_read(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 from prolong_nemo.convert.mapping import ConversionError
@@ -88,17 +87,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _guarded(func):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except ConversionError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return run
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="convert_command", required=True)
 
@@ -108,7 +96,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--rope-theta", type=float, help="record this rope_theta (ProLong stages: 8e6, 1.28e8)")
     p.add_argument("--max-position-embeddings", type=int, help="record this context length")
     _common(p)
-    p.set_defaults(func=_guarded(_hf_to_megatron))
+    p.set_defaults(func=_hf_to_megatron)
 
     p = sub.add_parser("megatron-to-hf", help="Megatron torch_dist checkpoint -> HF safetensors + config.json")
     p.add_argument("ckpt", type=Path, help="checkpoint root (latest_checkpointed_iteration.txt) or iter_* folder")
@@ -121,11 +109,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--rope-theta", type=float)
     p.add_argument("--max-position-embeddings", type=int)
     _common(p)
-    p.set_defaults(func=_guarded(_megatron_to_hf))
+    p.set_defaults(func=_megatron_to_hf)
 
     p = sub.add_parser("verify", help="compare HF and Megatron logits on a prompt (small models, CPU)")
     p.add_argument("hf_dir", type=Path)
     p.add_argument("ckpt", type=Path)
     p.add_argument("--prompt-length", type=int, default=24)
     p.add_argument("--tolerance", type=float, default=1e-5, help="max |logit diff| accepted (fp32)")
-    p.set_defaults(func=_guarded(_verify))
+    p.set_defaults(func=_verify)

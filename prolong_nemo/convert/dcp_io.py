@@ -13,6 +13,8 @@ records go through `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import io
 import json
 import os
@@ -68,12 +70,26 @@ _ALLOWED_GLOBALS = {
 }
 
 
+def _is_dcp_data_class(value: Any, module: str) -> bool:
+    """A dataclass or Enum defined in that DCP module (not a function, module or re-export)."""
+    return (
+        isinstance(value, type)
+        and value.__module__ == module
+        and (dataclasses.is_dataclass(value) or issubclass(value, enum.Enum))
+    )
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Resolves only DCP metadata classes, torch.Size and torch dtype/layout constants."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS or module.startswith(_ALLOWED_MODULE_PREFIXES):
+        if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
+        # No dotted names: protocol 4 resolves "os.system" as an attribute path from any module.
+        if module.startswith(_ALLOWED_MODULE_PREFIXES) and "." not in name:
+            value = super().find_class(module, name)
+            if _is_dcp_data_class(value, module):
+                return value
         if module == "torch":
             value = getattr(torch, name, None)
             if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
