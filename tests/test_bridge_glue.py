@@ -234,17 +234,41 @@ def test_pretrain_and_forward_step_signatures():
 # Stage chaining and progress logging through Bridge's real callback manager
 # ---------------------------------------------------------------------------------------------
 def previous_stage_optimizer():
-    """An optimizer + megatron scheduler as stage 1 leaves them after 5,000 steps."""
+    """An optimizer + megatron scheduler as stage 1 leaves them after 5,000 steps.
+
+    In Bridge's units: its scheduler counts samples (warmup / decay = iterations x global batch
+    64, `scheduler.step(64)` per iteration), see test_bridge_scheduler_counts_samples.
+    """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     w = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.AdamW([{"params": [w], "max_lr": 1e-5, "min_lr": 1e-6, "wd_mult": 1.0}], lr=1e-6)
-    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-5, min_lr=1e-6, lr_warmup_steps=500,
-                                    lr_decay_steps=5000, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
-                                    wd_incr_steps=5000, wd_incr_style="constant")
-    sched.step(5000)
+    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-5, min_lr=1e-6, lr_warmup_steps=500 * 64,
+                                    lr_decay_steps=5000 * 64, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
+                                    wd_incr_steps=5000 * 64, wd_incr_style="constant")
+    sched.step(5000 * 64)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-6)
     return opt, sched
+
+
+def test_bridge_scheduler_counts_samples():
+    """Why the chaining schedule is in samples: Bridge sizes and advances its scheduler that way."""
+    config = bridge_source("training/config.py").read_text()
+    assert "self.scheduler.lr_decay_steps = self.scheduler.lr_decay_iters * self.train.global_batch_size" in config
+    assert "self.scheduler.lr_warmup_steps = self.scheduler.lr_warmup_iters * self.train.global_batch_size" in config
+    train = bridge_source("training/train.py").read_text()
+    assert "increment = get_num_microbatches() * train_config.micro_batch_size * cfg.data_parallel_size" in train
+    assert "scheduler.step(increment=increment)" in train
+    recipe = load_recipe("stage_512k")
+    assert schedule_of(recipe, increment=16) == dict(max_lr=5e-6, min_lr=pytest.approx(5e-7),
+                                                     warmup_steps=250 * 16, decay_steps=2500 * 16)
+    assert schedule_of(recipe, increment=1)["decay_steps"] == 2500  # the CPU runner steps by 1
+
+
+def bridge_scheduler_config(recipe):
+    """cfg.scheduler after Bridge's finalize: lr_*_steps = iterations x global batch."""
+    gbs = recipe.train.global_batch_size
+    return SimpleNamespace(lr_warmup_steps=recipe.warmup_steps * gbs, lr_decay_steps=recipe.train.steps * gbs)
 
 
 def test_stage_chain_callback_restarts_schedule(bridge_callbacks):
@@ -255,10 +279,11 @@ def test_stage_chain_callback_restarts_schedule(bridge_callbacks):
     train_state = SimpleNamespace(step=5000, consumed_train_samples=320000, skipped_train_samples=3,
                                   consumed_valid_samples=7, floating_point_operations_so_far=1e21,
                                   do_train=True, do_valid=False, do_test=False)
-    state = SimpleNamespace(train_state=train_state, cfg=SimpleNamespace(checkpoint=SimpleNamespace(load="/s1")))
+    state = SimpleNamespace(train_state=train_state, cfg=SimpleNamespace(
+        checkpoint=SimpleNamespace(load="/s1"), scheduler=bridge_scheduler_config(recipe)))
     manager = bridge_callbacks.CallbackManager()
     logs = []
-    callback = StageChainCallback("/s1", schedule_of(recipe), log=logs.append)
+    callback = StageChainCallback("/s1", schedule_of(recipe, increment=16), log=logs.append)
     manager.add(callback)
     assert manager.has_callbacks("on_data_init_start")
     manager.fire("on_data_init_start", bridge_callbacks.CallbackContext(
@@ -269,20 +294,33 @@ def test_stage_chain_callback_restarts_schedule(bridge_callbacks):
     assert sched.num_steps == 0 and opt.param_groups[0]["lr"] == 0.0
     assert opt.param_groups[0]["max_lr"] == 5e-6
     assert "restarted at 0" in logs[0]
-    sched.step(250)
-    assert opt.param_groups[0]["lr"] == pytest.approx(5e-6)  # end of warmup: this stage's peak
-    sched.step(2250)
-    assert opt.param_groups[0]["lr"] == pytest.approx(5e-7)  # cosine to 10%
+
+    def iterations(n):  # as Bridge's train step does: one global batch (16 samples) per iteration
+        for _ in range(n):
+            sched.step(increment=16)
+        return opt.param_groups[0]["lr"]
+
+    assert iterations(125) == pytest.approx(2.5e-6)  # half way through the 250-step warmup
+    assert iterations(125) == pytest.approx(5e-6)  # end of warmup: this stage's peak
+    assert iterations(1125) == pytest.approx(2.75e-6)  # half way down the cosine (250 + 2250 / 2)
+    assert iterations(1125) == pytest.approx(5e-7)  # step 2,500: cosine to 10%
 
 
 def test_stage_chain_callback_refuses_another_checkpoint(bridge_callbacks):
     from prolong_nemo.recipes.bridge_callbacks import StageChainCallback
 
+    recipe = load_recipe("stage_512k")
     opt, sched = previous_stage_optimizer()
     state = SimpleNamespace(train_state=SimpleNamespace(step=9), cfg=SimpleNamespace(
         checkpoint=SimpleNamespace(load="/runs/512k")))
     with pytest.raises(RuntimeError, match="expects checkpoint.load"):
-        StageChainCallback("/s1", schedule_of(load_recipe("stage_512k"))).on_data_init_start(
+        StageChainCallback("/s1", schedule_of(recipe, increment=16)).on_data_init_start(
+            bridge_callbacks.CallbackContext(state=state, model=[], optimizer=opt, scheduler=sched))
+    # a schedule in other units than Bridge's scheduler (iterations instead of samples) is refused
+    state = SimpleNamespace(train_state=SimpleNamespace(step=9), cfg=SimpleNamespace(
+        checkpoint=SimpleNamespace(load="/s1"), scheduler=bridge_scheduler_config(recipe)))
+    with pytest.raises(RuntimeError, match="differs from Bridge's scheduler"):
+        StageChainCallback("/s1", schedule_of(recipe, increment=1)).on_data_init_start(
             bridge_callbacks.CallbackContext(state=state, model=[], optimizer=opt, scheduler=sched))
 
 

@@ -127,7 +127,9 @@ def callbacks_for(recipe: RecipeConfig, start: StartPoint, log=print) -> list:
             raise RuntimeError(
                 f"chaining {recipe.name} from {start.load} needs Megatron-Bridge >= "
                 f"{'.'.join(map(str, MIN_BRIDGE_CHAIN))} (on_data_init_start); use NGC NeMo 26.06 or newer")
-        callbacks.append(StageChainCallback(start.load, schedule_of(recipe), log=log))
+        # Bridge's scheduler counts samples: warmup and decay are iterations x global batch.
+        schedule = schedule_of(recipe, increment=recipe.train.global_batch_size)
+        callbacks.append(StageChainCallback(start.load, schedule, log=log))
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else int(
         os.environ.get("WORLD_SIZE", recipe.cluster.world_size))
     callbacks.append(ProgressLogCallback(ProgressMeter.for_recipe(recipe, world), recipe.logging.log_interval, log=log))

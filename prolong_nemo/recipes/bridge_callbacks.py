@@ -28,7 +28,7 @@ class StageChainCallback(Callback):
 
     def __init__(self, init_from: str, schedule: dict, log=print) -> None:
         self.init_from = init_from
-        self.schedule = dict(schedule)  # bridge_spec.schedule_of(recipe)
+        self.schedule = dict(schedule)  # bridge_spec.schedule_of(recipe, increment=global batch)
         self.log = log
         self.applied = False
 
@@ -37,6 +37,13 @@ class StageChainCallback(Callback):
         loaded = getattr(getattr(cfg, "checkpoint", None), "load", self.init_from)
         if loaded != self.init_from:  # only the first start of a chained stage resets anything
             raise RuntimeError(f"StageChainCallback expects checkpoint.load={self.init_from!r}, got {loaded!r}")
+        # This stage's schedule as Bridge computed it (in samples) must be the one restored.
+        planned = getattr(cfg, "scheduler", None)
+        for ours, bridge_name in (("warmup_steps", "lr_warmup_steps"), ("decay_steps", "lr_decay_steps")):
+            theirs = getattr(planned, bridge_name, None)
+            if theirs is not None and int(theirs) != self.schedule[ours]:
+                raise RuntimeError(f"StageChainCallback schedule {ours}={self.schedule[ours]} differs from "
+                                   f"Bridge's scheduler.{bridge_name}={theirs} (units: samples)")
         train_state = context.state.train_state
         previous = train_state.step
         for name in TRAIN_STATE_COUNTERS:

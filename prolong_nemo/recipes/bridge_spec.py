@@ -93,10 +93,18 @@ def restart_schedule(scheduler: Any, optimizer: Any, *, max_lr: float, min_lr: f
     scheduler.step(0)  # writes lr (= warmup start) and weight decay into every group
 
 
-def schedule_of(recipe: RecipeConfig) -> dict[str, float | int]:
-    """`restart_schedule` keyword arguments of a recipe."""
-    return dict(max_lr=recipe.optim.lr, min_lr=recipe.optim.min_lr, warmup_steps=recipe.warmup_steps,
-                decay_steps=recipe.train.steps)
+def schedule_of(recipe: RecipeConfig, *, increment: int) -> dict[str, float | int]:
+    """`restart_schedule` keyword arguments of a recipe, in the scheduler's own units.
+
+    `increment`: how far the scheduler advances per optimizer step. Megatron-Bridge (like
+    Megatron-LM) counts samples: it calls `scheduler.step(global_batch_size)` every iteration
+    and sizes warmup and decay as iterations x global batch (`ConfigContainer._calculate_scheduler_steps`),
+    so the Bridge path passes `recipe.train.global_batch_size`; the CPU runner steps by 1.
+    """
+    if increment < 1:
+        raise ValueError(f"increment must be >= 1, got {increment}")
+    return dict(max_lr=recipe.optim.lr, min_lr=recipe.optim.min_lr, warmup_steps=recipe.warmup_steps * increment,
+                decay_steps=recipe.train.steps * increment)
 
 
 # Counters of Megatron-Bridge's TrainState that the restarted stage must start from zero.

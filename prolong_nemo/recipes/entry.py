@@ -154,7 +154,7 @@ def apply_start(start: StartPoint, state, recipe: RecipeConfig, log: Callable[[s
         load_checkpoint(start.load, state)
         previous = state.step
         state.step, state.consumed_samples = 0, 0
-        restart_schedule(state.scheduler, state.optimizer, **schedule_of(recipe))
+        restart_schedule(state.scheduler, state.optimizer, **schedule_of(recipe, increment=1))  # steps by 1
         log(f"[prolong] loaded {start.load} at its step {previous}: weights and Adam state kept, "
             "step, consumed samples and LR schedule restarted at 0")
         return
