@@ -11,13 +11,11 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 from prolong_nemo.errors import UserError
 from prolong_nemo.model.config import LlamaArch, preset
 
-Stage = Literal["64k", "512k", "sft"]
-InitMode = Literal["none", "weights", "weights_and_optimizer"]
 STAGES: tuple[str, ...] = ("64k", "512k", "sft")
 INIT_MODES: tuple[str, ...] = ("none", "weights", "weights_and_optimizer")
 LOSS_IMPLS: tuple[str, ...] = ("chunked", "fused")
@@ -233,9 +231,6 @@ class RecipeConfig:
         out["cluster"]["mounts"] = list(out["cluster"]["mounts"])
         out["cluster"]["env"] = dict(out["cluster"]["env"])
         return out
-
-    def replace(self, **sections: Any) -> "RecipeConfig":
-        return dataclasses.replace(self, **sections)
 
     # ---- validation ---------------------------------------------------------------------
     def problems(self) -> list[str]:

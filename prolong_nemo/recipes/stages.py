@@ -17,8 +17,6 @@ from prolong_nemo.recipes.config import RecipeConfig, RecipeError
 # The three stages of the paper and their CPU miniatures (same shape, tiny model).
 STAGE_RECIPES: tuple[str, ...] = ("stage_64k", "stage_512k", "sft")
 CPU_RECIPES: dict[str, str] = {name: f"{name}_cpu" for name in STAGE_RECIPES}
-# The stage each one starts from (its `checkpoint.init_from` default points there).
-PREVIOUS_STAGE: dict[str, str | None] = {"stage_64k": None, "stage_512k": "stage_64k", "sft": "stage_512k"}
 
 
 def recipes_dir() -> Path:
