@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -187,6 +188,13 @@ def test_bridge_config_fields_exist_in_the_pinned_release():
     for cls_name, base in pairs.items():
         known = set(dataclass_fields(config_py, cls_name)) | base_fields(base)
         assert set(s[section_of[cls_name]]) <= known, cls_name
+    # every class bridge.py takes from `megatron.bridge.training.config` is bound there
+    module_names = {a.asname or a.name for n in ast.walk(ast.parse(config_py.read_text()))
+                    if isinstance(n, ast.ImportFrom) for a in n.names}
+    module_names |= {n.name for n in ast.parse(config_py.read_text()).body if isinstance(n, ast.ClassDef)}
+    used = set(re.findall(r"\bbc\.(\w+)", (REPO / "prolong_nemo/recipes/bridge.py").read_text()))
+    assert {"ConfigContainer", "RNGConfig", "ValidationConfig", "TrainingConfig"} <= used <= module_names, \
+        used - module_names
     tokenizer = dataclass_fields(bridge_source("training/tokenizers/config.py"), "TokenizerConfig")
     assert set(s["tokenizer"]) <= set(tokenizer) | base_fields(mt.TokenizerConfig)
     # bf16 mixed precision by name, as bridge.py asks for it

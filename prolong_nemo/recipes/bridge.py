@@ -83,7 +83,6 @@ def build_config_container(recipe: RecipeConfig, start: StartPoint | None = None
     """The Megatron-Bridge `ConfigContainer` of a recipe (not yet validated: `pretrain` does it)."""
     from megatron.bridge.training import config as bc
     from megatron.bridge.training.mixed_precision import get_mixed_precision_config
-    from megatron.training.config import RNGConfig, ValidationConfig
 
     start = start or resolve_start(recipe)
     s = bridge_sections(recipe, start)
@@ -94,7 +93,7 @@ def build_config_container(recipe: RecipeConfig, start: StartPoint | None = None
     mixed_precision.grad_reduce_in_fp32 = recipe.parallel.grad_reduce_in_fp32
     return bc.ConfigContainer(
         train=bc.TrainingConfig(**s["train"]),
-        validation=ValidationConfig(**s["validation"]),
+        validation=bc.ValidationConfig(**s["validation"]),  # Bridge's name (re-exported or subclassed)
         model=build_model_provider(recipe),
         optimizer=optimizer,
         ddp=bc.DistributedDataParallelConfig(**s["ddp"]),
@@ -103,7 +102,7 @@ def build_config_container(recipe: RecipeConfig, start: StartPoint | None = None
         logger=bc.LoggerConfig(**s["logger"]),
         tokenizer=bc.TokenizerConfig(**s["tokenizer"]),
         checkpoint=bc.CheckpointConfig(**s["checkpoint"]),
-        rng=RNGConfig(**s["rng"]),
+        rng=bc.RNGConfig(**s["rng"]),
         mixed_precision=mixed_precision,
     )
 
