@@ -497,3 +497,39 @@ def test_export_assembles_tensor_parallel_chunks(tmp_path, per_layer):
     assert tp2.locate("decoder.layers.self_attention.linear_qkv.weight", (1, 64, 0), (1, 32, 64)) is not None
     megatron_to_hf(tmp_path / "tp2", tmp_path / "out", **quiet())
     assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
+
+
+def test_export_refuses_model_tensors_it_would_drop(tmp_path):
+    """A checkpoint with model tensors a Llama HF model has no place for (here a QKV bias and
+    QK-norm weights) is refused, not exported without them; optimizer keys are fine."""
+    import shutil
+
+    from prolong_nemo.convert.megatron_io import common_state
+
+    src = make_hf_model(tmp_path / "hf")
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    one = resolve_iter_dir(tmp_path / "mg")
+    reader = dcp_io.DistCheckpointReader(one)
+
+    def rewrite(name: str, extra: dict[str, torch.Tensor]) -> Path:
+        out_dir = tmp_path / name / "iter_0000001"
+        writer = dcp_io.DistCheckpointWriter(out_dir)
+        for key in reader.tensor_keys():
+            shape = reader.global_shape(key)
+            writer.add_chunk(key, reader.read_region(key, (0,) * len(shape), shape).clone(), shape, (0,) * len(shape))
+        for key, tensor in extra.items():
+            writer.add_chunk(key, tensor, tuple(tensor.shape), (0,) * tensor.dim())
+        writer.finish(common_state(1))
+        shutil.copy(one / "run_config.yaml", out_dir / "run_config.yaml")
+        return out_dir
+
+    ok = rewrite("optim", {"optimizer.state.exp_avg.decoder.layers.self_attention.linear_qkv.weight":
+                           torch.zeros(2, 128, 64)})
+    megatron_to_hf(ok, tmp_path / "out", **quiet())
+    assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
+    bad = rewrite("bias", {"decoder.layers.self_attention.linear_qkv.bias": torch.ones(2, 128, dtype=torch.bfloat16),
+                           "decoder.layers.self_attention.q_layernorm.weight": torch.ones(2, 16, dtype=torch.bfloat16)})
+    with pytest.raises(ConversionError, match=r"no place in a Llama-3 HF model: \['decoder.layers.self_attention.linear_qkv.bias', "
+                                              r"'decoder.layers.self_attention.q_layernorm.weight'\]"):
+        megatron_to_hf(bad, tmp_path / "out2", **quiet())
+    assert not (tmp_path / "out2").exists()

@@ -30,6 +30,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 LAYER_PREFIX = "decoder.layers."
+# Dist-checkpoint keys of the model itself (other keys: optimizer state, ...).
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 HF_LAYER_PREFIX = "model.layers."
 
 # TE modules of one decoder layer that carry `_extra_state` (FP8 metadata; empty here).

@@ -261,18 +261,28 @@ def _segments(arch, reader, job: ExportJob) -> list[Segment]:
 
 
 def _export_jobs(arch: LlamaArch, reader: dcp_io.DistCheckpointReader) -> list[ExportJob]:
-    """Every Megatron tensor in HF order; validates shapes before anything is written."""
-    jobs = []
+    """Every Megatron tensor in HF order; validates shapes before anything is written, and
+    refuses model tensors the export has no place for (biases, QK norms, ...) instead of
+    silently dropping them. Other keys (optimizer state, ...) are never read."""
+    jobs, used = [], set()
     for layer, tmap in [(None, m) for m in mapping.global_maps(arch)] + [
         (i, m) for i in range(arch.num_layers) for m in mapping.LAYER_MAPS
     ]:
         job = ExportJob(tmap, layer, [])
-        dtypes = {reader.dtype(seg.key) for seg in _segments(arch, reader, job)}
+        segments = _segments(arch, reader, job)
+        used.update(seg.key for seg in segments)
+        dtypes = {reader.dtype(seg.key) for seg in segments}
         if len(dtypes) != 1:
             raise ConversionError(f"{reader.directory}: tensor {tmap.mcore} (layer {layer}) mixes dtypes {dtypes}")
         dtype = dtypes.pop()
         job.hf.extend(PlannedTensor(n, dtype, mapping.hf_shape(arch, n)) for n in tmap.hf_names(layer))
         jobs.append(job)
+    unknown = sorted(k for k in reader.tensor_keys() if k.startswith(mapping.MODEL_PREFIXES) and k not in used)
+    if unknown:
+        raise ConversionError(
+            f"{reader.directory}: model tensors with no place in a Llama-3 HF model: {unknown[:4]}"
+            f"{' ...' if len(unknown) > 4 else ''} (the export would drop them)"
+        )
     return jobs
 
 
