@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -533,3 +534,22 @@ def test_export_refuses_model_tensors_it_would_drop(tmp_path):
                                               r"'decoder.layers.self_attention.q_layernorm.weight'\]"):
         megatron_to_hf(bad, tmp_path / "out2", **quiet())
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"normalization": "LayerNorm"}, "model.normalization='LayerNorm' is not representable"),
+    ({"add_qkv_bias": True}, "model.add_qkv_bias=True"),
+    ({"rotary_percent": 0.5}, "model.rotary_percent=0.5"),
+    ({"activation_func": {"_target_": "megatron.core.fusions.fused_bias_gelu.bias_gelu_impl"}}, "activation_func"),
+])
+def test_bridge_model_sections_that_are_not_llama_are_refused(tmp_path, changes, message):
+    import yaml
+
+    model = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4,
+             "vocab_size": 256, "seq_length": 4096, "normalization": "RMSNorm", "gated_linear_unit": True,
+             "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False}}
+    (tmp_path / "run_config.yaml").write_text(yaml.safe_dump({"model": model}))
+    assert read_recorded_config(tmp_path)[0].max_position_embeddings == 4096
+    (tmp_path / "run_config.yaml").write_text(yaml.safe_dump({"model": {**model, **changes}}))
+    with pytest.raises(ConversionError, match=re.escape(message)):
+        read_recorded_config(tmp_path)

@@ -63,6 +63,14 @@ def test_verify_command(tmp_path, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+def test_verify_refuses_a_different_architecture(tmp_path):
+    src = make_hf_model(tmp_path / "hf", dtype=torch.float32)
+    other = make_hf_model(tmp_path / "other", dtype=torch.float32, intermediate_size=128)
+    hf_to_megatron(src, tmp_path / "mg", show_progress=False)
+    with pytest.raises(ConversionError, match=r"are different architectures \(ffn_hidden_size\)"):
+        verify(other, tmp_path / "mg")
+
+
 class _Boom:
     def __init__(self, marker: str):
         self.marker = marker

@@ -122,8 +122,31 @@ def write_run_config(iter_dir: Path, arch: LlamaArch, extras: HfExtras | None = 
     return path
 
 
+# Bridge `model:` fields a Llama-3 HF config cannot express otherwise (checked when present).
+_BRIDGE_LLAMA_FIELDS = {
+    "normalization": "RMSNorm",
+    "gated_linear_unit": True,
+    "add_bias_linear": False,
+    "add_qkv_bias": False,
+    "qk_layernorm": False,
+    "position_embedding_type": "rope",
+    "rotary_percent": 1.0,
+}
+
+
+def _refuse_non_llama(model: dict[str, Any]) -> None:
+    for key, want in _BRIDGE_LLAMA_FIELDS.items():
+        if key in model and model[key] != want:
+            raise ConversionError(f"model.{key}={model[key]!r} is not representable as a Llama-3 HF config ({want!r})")
+    act = model.get("activation_func")
+    target = act.get("_target_", "") if isinstance(act, dict) else str(act or "silu")
+    if not target.endswith("silu"):
+        raise ConversionError(f"model.activation_func {target!r} is not representable (Llama uses silu)")
+
+
 def _arch_from_bridge_model(model: dict[str, Any]) -> LlamaArch:
     """LlamaArch from a Bridge `model:` section (a checkpoint written by Bridge training)."""
+    _refuse_non_llama(model)
     heads = model["num_attention_heads"]
     scaling = None
     if model.get("rope_scaling"):

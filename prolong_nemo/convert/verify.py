@@ -105,10 +105,12 @@ def default_prompt(vocab_size: int, length: int = 24, seed: int = 0) -> torch.Te
 def verify(hf_dir: Path, ckpt: Path, tokens: torch.Tensor | None = None) -> VerifyResult:
     """max |logit diff| between the HF folder and the Megatron checkpoint on one prompt."""
     mcore_model, arch = load_megatron_model(ckpt)
-    hf_model, hf_arch = load_hf_model(hf_dir, arch)
+    # Compare the configs before loading: HF weights of another shape fail with a torch error.
+    hf_arch = hf_config.arch_from_hf_config(hf_config.read_config(hf_dir), str(Path(hf_dir) / "config.json"))[0]
     differs = [f for f in _STRUCTURE if getattr(hf_arch, f) != getattr(arch, f)]
     if differs:
         raise ConversionError(f"{hf_dir} and {ckpt} are different architectures ({', '.join(differs)})")
+    hf_model, _ = load_hf_model(hf_dir, arch)
     notes = []
     if (hf_arch.rope_theta, hf_arch.rope_scaling) != (arch.rope_theta, arch.rope_scaling):
         notes.append(
