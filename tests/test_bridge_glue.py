@@ -2,10 +2,11 @@
 
 Bridge cannot be imported as a whole on a CPU machine: `megatron/bridge/__init__.py` imports
 every model bridge, whose PEFT layers import Transformer Engine unconditionally, and
-`training.config` / `training.pretrain` / `data.base` reach the same chain (plus
-nvidia-resiliency-ext, whose PyPI release is older than megatron-core 0.19 accepts). So:
-- modules that import without TE (`training.callbacks`) are imported for real, skipping only
-  the package's model-registry `__init__` (an empty package object with the real `__path__`);
+`training.config` / `training.pretrain` reach the same chain (plus nvidia-resiliency-ext,
+whose PyPI release is older than megatron-core 0.19 accepts). So:
+- modules that import without TE (`training.callbacks`, `data.base`) are imported for real,
+  skipping only the package `__init__`s (empty package objects with the real `__path__`), and
+  `prolong_nemo.recipes.bridge`'s dataset provider is built on the real `DatasetProvider`;
 - the config classes Bridge builds on (megatron.training.config, megatron.core) are
   instantiated for real with our keyword arguments;
 - Bridge-only fields and signatures are read from the installed Bridge source (AST).
@@ -105,6 +106,36 @@ def bridge_callbacks():
             del sys.modules[name]
         for name in [m for m in sys.modules if m.startswith("prolong_nemo.recipes.bridge_callbacks")]:
             del sys.modules[name]
+        sys.path[:] = saved_path
+
+
+@pytest.fixture
+def bridge_data():
+    """The real `megatron.bridge.data.base` and our `prolong_nemo.recipes.bridge` on top of it.
+
+    Only the package `__init__`s of `megatron.bridge` (model registry -> TE) and
+    `megatron.bridge.data` (Hugging Face `datasets`) are skipped; everything is restored after.
+    """
+    bridge_source("data/base.py")
+
+    def ours(name):
+        return name == "megatron.bridge" or name.startswith(("megatron.bridge.", "prolong_nemo.recipes.bridge"))
+
+    saved_modules = {k: v for k, v in sys.modules.items() if ours(k)}
+    saved_path = list(sys.path)
+    sys.path.insert(0, str(BRIDGE_SITE))
+    for name in [m for m in sys.modules if ours(m)]:
+        del sys.modules[name]
+    for name, sub in (("megatron.bridge", ""), ("megatron.bridge.data", "data")):
+        package = types.ModuleType(name)
+        package.__path__ = [str(BRIDGE_SITE / "megatron" / "bridge" / sub)]
+        sys.modules[name] = package
+    try:
+        yield importlib.import_module("megatron.bridge.data.base")
+    finally:
+        for name in [m for m in sys.modules if ours(m)]:
+            del sys.modules[name]
+        sys.modules.update(saved_modules)
         sys.path[:] = saved_path
 
 
@@ -435,3 +466,29 @@ def test_build_prolong_datasets_on_mds(tmp_path):
     # the mixture is respected: 12 of 20 samples from "long" (60%)
     domains = [train.dataset_index[i] for i in range(20)]
     assert sum(1 for d in domains if d == 0) == 12
+
+
+def test_dataset_provider_through_the_real_bridge_contract(bridge_data, tmp_path):
+    """bridge.py imported on Bridge's real DatasetProvider; built as Bridge's adapter builds it."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from data_fixtures import write_random_domain
+    finally:
+        sys.path.pop(0)
+    from prolong_nemo.recipes.bridge import ProLongDatasetProvider
+
+    write_random_domain(tmp_path / "long", n=6, length=256, seed=1)
+    write_random_domain(tmp_path / "short", n=6, length=256, seed=2)
+    recipe = load_recipe("stage_512k", [f"data.root={tmp_path}", "data.sequence_length=256", "data.num_workers=0",
+                                        "data.mixture=[{path: long, proportion: 0.6}, {path: short, proportion: 0.4}]"])
+    provider = ProLongDatasetProvider(**dataset_fields(recipe))
+    assert isinstance(provider, bridge_data.DatasetProvider) and isinstance(provider, bridge_data.DataloaderConfig)
+    assert provider.dataloader_type == "single" and provider.seq_length == 256 and provider.cp_size == 4
+    provider.finalize()  # DataloaderConfig.finalize, as ConfigContainer.validate calls it
+    assert provider.persistent_workers is False  # num_workers 0
+    # what Bridge's protocol adapter (data/utils.py get_dataset_provider) passes
+    context = bridge_data.DatasetBuildContext(train_samples=20, valid_samples=0, test_samples=0, tokenizer=None)
+    train, valid, test = provider.build_datasets(context)
+    assert len(train) == 20 and valid is None and test is None and train.collate_fn is not None
+    with pytest.raises(TypeError):  # Bridge's fields are keyword-only: no positional mix-ups
+        ProLongDatasetProvider("single")
