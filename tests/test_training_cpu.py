@@ -94,3 +94,27 @@ def test_crash_and_resume_reproduces_uninterrupted_losses(tmp_path):
     for step, loss in {**first, **resumed}.items():
         assert abs(loss - reference[step]) <= 1e-6, (step, loss, reference[step])
     assert reference[6] != reference[4]  # the losses move: equality is not trivial
+
+
+@pytest.mark.timeout(600)
+def test_cli_context_parallel_2_matches_cp1_losses(tmp_path):
+    """`prolong-nemo train --cp 2` under torchrun (two gloo ranks, per-document partition,
+    CP attention, finalize over CP) trains the same model as one process: same losses."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    metrics = tmp_path / "cp2.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_port()), "-m", "prolong_nemo.cli", "train", "--cp", "2", "--train-iters", "4",
+           "--micro-batches", "2", "--lr", "1e-2", "--chunk-tokens", "64", "--metrics-file", str(metrics)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cp2 = _losses(metrics)
+    # reference: CP = 1 in this process on the same (CP-2-padded) rows
+    data = ArithmeticDocuments(vocab_size=512, row_tokens=256, seed=TrainConfig().seed, cp_size=2)
+    ref = train(TrainConfig(train_iters=4, micro_batches=2, lr=1e-2, chunk_tokens=64), data, _collate(),
+                log=lambda _: None)
+    assert sorted(cp2) == [1, 2, 3, 4]
+    for record in ref.history:
+        assert abs(cp2[record.step] - record.loss) <= 1e-5, (record.step, cp2[record.step], record.loss)
+    assert abs(ref.history[-1].loss - ref.history[0].loss) > 1e-2  # training moved the model
