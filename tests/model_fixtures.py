@@ -25,7 +25,7 @@ def init_megatron_single_process(seed: int = 1234) -> None:
 
     from prolong_nemo.cpu_compat import apply_cpu_patches
 
-    apply_cpu_patches()
+    apply_cpu_patches(force=True)  # CPU models, even where CUDA exists
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(_free_port())

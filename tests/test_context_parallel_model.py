@@ -29,7 +29,7 @@ def _worker(rank: int, world: int, port: int, weights: str, out: str) -> None:
     from prolong_nemo.training.forward_step import StepOptions, run_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    apply_cpu_patches()
+    apply_cpu_patches(force=True)  # CPU models, even where CUDA exists
     dist.init_process_group("gloo", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(context_parallel_size=world)
     model_parallel_cuda_manual_seed(1)
@@ -96,7 +96,7 @@ def _schedule_worker(rank: int, world: int, port: int, weights: str, out: str) -
     from prolong_nemo.training.forward_step import StepOptions, make_forward_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    apply_cpu_patches()
+    apply_cpu_patches(force=True)  # CPU models, even where CUDA exists
     dist.init_process_group("gloo", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(context_parallel_size=world)
     model_parallel_cuda_manual_seed(1)

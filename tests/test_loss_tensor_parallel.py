@@ -19,7 +19,7 @@ def _init(rank: int, world: int, port: int) -> None:
     from prolong_nemo.cpu_compat import apply_cpu_patches
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    apply_cpu_patches()
+    apply_cpu_patches(force=True)  # CPU models, even where CUDA exists
     dist.init_process_group("gloo", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     model_parallel_cuda_manual_seed(7)

@@ -2,9 +2,10 @@
 
 Transformer Engine's `thd_get_partitioned_indices(cu_seqlens_padded, T, cp_size, rank)`
 splits every padded segment into 2*cp_size equal chunks and gives rank r the chunks r and
-2*cp_size-1-r (load balance for causal attention). Megatron-Bridge does this itself; the
-CPU runner and any non-Bridge entry use `partition_batch_for_cp`, which relies on this pure
-PyTorch version when TE is absent (checked against TE's kernel where TE is installed).
+2*cp_size-1-r (load balance for causal attention). Megatron-Bridge's stock `gpt_step` does
+this itself; our forward step (CPU runner and Bridge entry alike) calls
+`partition_batch_for_cp`, which always uses the pure PyTorch version below, with or without
+TE (tests check it against TE's kernel where TE and CUDA are present).
 """
 
 from __future__ import annotations
