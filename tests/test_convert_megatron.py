@@ -42,8 +42,10 @@ def _megatron():
 def test_megatron_logits_equal_hf(tmp_path, changes):
     src = make_hf_model(tmp_path / "hf", dtype=torch.float32, **changes)
     hf_to_megatron(src, tmp_path / "mg", show_progress=False)
-    result = verify(src, tmp_path / "mg")
-    assert result.notes == ()
+    # 128 positions: llama3 rope scaling moves these logits by ~1e-4 (24 positions: ~2e-5),
+    # so a scaling dropped on either side cannot hide under the tolerance
+    result = verify(src, tmp_path / "mg", default_prompt(256, length=128))
+    assert result.notes == () and result.tokens == 128
     assert result.max_abs_logit_diff <= TOLERANCE
     # and the logits are real: a different prompt changes them
     model, _ = load_megatron_model(tmp_path / "mg")
