@@ -492,3 +492,19 @@ def test_dataset_provider_through_the_real_bridge_contract(bridge_data, tmp_path
     assert len(train) == 20 and valid is None and test is None and train.collate_fn is not None
     with pytest.raises(TypeError):  # Bridge's fields are keyword-only: no positional mix-ups
         ProLongDatasetProvider("single")
+
+
+def test_callbacks_for_a_chained_stage(bridge_data):
+    """bridge.py's wiring: the chain callback gets this stage's schedule in Bridge's units."""
+    from prolong_nemo.recipes.bridge import bridge_version, callbacks_for
+    from prolong_nemo.recipes.bridge_callbacks import ProgressLogCallback, StageChainCallback
+
+    assert bridge_version() == (0, 6, 2)
+    recipe = load_recipe("stage_512k")
+    chain, progress = callbacks_for(recipe, StartPoint("chain", load="/runs/64k"), log=lambda _: None)
+    assert isinstance(chain, StageChainCallback) and isinstance(progress, ProgressLogCallback)
+    assert chain.init_from == "/runs/64k"
+    assert chain.schedule == dict(max_lr=5e-6, min_lr=pytest.approx(5e-7), warmup_steps=250 * 16,
+                                  decay_steps=2500 * 16)  # samples: iterations x global batch 16
+    resume = callbacks_for(recipe, StartPoint("resume", load="/runs/512k"), log=lambda _: None)
+    assert [type(c) for c in resume] == [ProgressLogCallback]
