@@ -268,3 +268,20 @@ def test_checkpoint_holds_exactly_what_the_model_requests(tmp_path):
     )
     assert unexpected == set()
     assert missing == {"decoder.final_layernorm._extra_state", "decoder.layers.self_attention.core_attention._extra_state"}
+
+
+def test_common_state_is_readable_both_ways(tmp_path):
+    """megatron-core reads the common state from `common.pt` (older versions; 0.19 when present)
+    or from the "common_state" object (0.19 without `common.pt`): both copies must load."""
+    from megatron.core import dist_checkpointing
+
+    from prolong_nemo.convert.megatron_io import common_state
+
+    src = make_hf_model(tmp_path / "hf", dtype=torch.float32)
+    hf_to_megatron(src, tmp_path / "mg", show_progress=False)
+    iter_dir = resolve_iter_dir(tmp_path / "mg")
+    assert dist_checkpointing.load_common_state_dict(iter_dir) == common_state(0)
+    assert torch.load(iter_dir / dcp_io.COMMON_FILE, weights_only=True) == common_state(0)
+    (iter_dir / dcp_io.COMMON_FILE).unlink()
+    assert dist_checkpointing.load_common_state_dict(iter_dir) == common_state(0)
+    assert verify(src, tmp_path / "mg").max_abs_logit_diff <= TOLERANCE

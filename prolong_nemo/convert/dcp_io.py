@@ -41,7 +41,10 @@ from prolong_nemo.convert.mapping import ConversionError
 
 METADATA_FILE = ".metadata"
 MCORE_CONFIG_FILE = "metadata.json"
-COMMON_FILE = "common.pt"  # read by megatron-core <= 0.18; 0.19 also finds "common_state"
+# The common (non-tensor) state is written twice: `common.pt`, which older megatron-core loads
+# (and 0.19 still prefers when present, logging a deprecation), and the "common_state" object
+# 0.19 writes and reads when there is no `common.pt`.
+COMMON_FILE = "common.pt"
 COMMON_STATE_KEY = "common_state"
 
 
@@ -352,14 +355,6 @@ class DistCheckpointReader:
                 )
             self._layouts[cache_key] = layout
         return self._layouts[cache_key]
-
-    def read_object(self, unique_key: str) -> bytes:
-        info = self.metadata.storage_data.get(MetadataIndex(unique_key))
-        if info is None:
-            raise ConversionError(f"{self.directory}: object {unique_key} is not in the checkpoint")
-        with open(self.directory / info.relative_path, "rb") as f:
-            f.seek(info.offset)
-            return f.read(info.length)
 
     def close(self) -> None:
         for handle in self._handles.values():
