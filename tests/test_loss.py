@@ -186,3 +186,26 @@ def test_per_token_loss_is_global_token_mean_across_micro_batches(megatron):
     # and it is not the mean of micro-batch means (the test can tell them apart)
     per_mb = [(l * b["loss_mask"]).sum() / b["loss_mask"].sum() for l, b in zip(losses, batches)]
     assert abs(sum(per_mb).item() / 2 - (total / count).item()) > 1e-3
+
+
+def test_out_of_vocab_labels_are_not_ignored_but_masked_by_loss_mask():
+    """No ignore index (megatron semantics): a -100 label costs log-sum-exp and, once the loss
+    mask zeroes it, contributes no gradient; the other tokens are untouched."""
+    hidden, weight, labels = _inputs(n=40, v=200, seed=9)
+    bad = labels.clone()
+    bad[::3] = -100
+    mask = (bad >= 0).float()
+    ours = chunked_linear_cross_entropy(hidden, weight, bad, chunk_tokens=9)
+    logits = hidden.detach().double() @ weight.detach().double().t()
+    lse = torch.logsumexp(logits, dim=-1)
+    assert (ours.detach().double()[::3] - lse[::3]).abs().max().item() <= 1e-5
+    (ours * mask).sum().backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    keep = mask.bool()
+    ref = full_linear_cross_entropy(hidden[keep], weight, labels[keep])
+    ref.sum().backward()
+    assert (ours.detach()[keep] - ref.detach()).abs().max().item() <= 1e-5
+    assert g_h[~keep].abs().max().item() == 0.0
+    assert (g_h[keep] - hidden.grad[keep]).abs().max().item() <= 1e-5
+    assert (g_w - weight.grad).abs().max().item() <= 1e-5

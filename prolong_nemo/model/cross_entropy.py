@@ -101,6 +101,9 @@ def chunked_linear_cross_entropy(
     """Per-token loss (fp32, shape of labels) of softmax(hidden @ weight.T) against labels.
 
     hidden [..., H] and labels [...] with matching leading dims; weight [V_local, H].
+    There is no ignore index: a label outside the vocabulary (e.g. -100) gets the loss
+    log-sum-exp (target logit 0), as in megatron's `vocab_parallel_cross_entropy`; targets
+    are selected by the loss mask (batch contract: label 0, loss_mask 0).
     """
     if chunk_tokens <= 0:
         raise ValueError("chunk_tokens must be positive")
