@@ -285,3 +285,58 @@ def test_common_state_is_readable_both_ways(tmp_path):
     (iter_dir / dcp_io.COMMON_FILE).unlink()
     assert dist_checkpointing.load_common_state_dict(iter_dir) == common_state(0)
     assert verify(src, tmp_path / "mg").max_abs_logit_diff <= TOLERANCE
+
+
+def _reshard_worker(rank: int, world: int, port: int, tp: int, pp: int, src: str, out: str) -> None:
+    """One rank of a TP x PP run: load the converted checkpoint, save it as training does."""
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from prolong_nemo.convert.megatron_io import read_recorded_config
+    from prolong_nemo.convert.verify import _weights_only
+    from prolong_nemo.cpu_compat import apply_cpu_patches
+    from prolong_nemo.model.builder import build_gpt_model
+    from prolong_nemo.model.megatron_config import ParallelSizes
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    apply_cpu_patches(force=True)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    iter_dir = resolve_iter_dir(src)
+    arch = read_recorded_config(iter_dir)[0]
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    model = build_gpt_model(arch, 64, backend="local", parallel=ParallelSizes(tp=tp, pp=pp),
+                            pre_process=stage == 0, post_process=stage == pp - 1)
+    state = dist_checkpointing.load({"model": _weights_only(model.sharded_state_dict())}, str(iter_dir))
+    model.load_state_dict(state["model"], strict=True)
+    sharded = model.sharded_state_dict()
+    dist_checkpointing.save({"model": sharded, "optimizer": _optimizer_entries(sharded), "iteration": 7}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_export_of_a_checkpoint_saved_by_several_ranks(tmp_path, tp, pp):
+    """megatron-core itself saves the converted weights from 2 ranks (TP-split chunks, or layers
+    and embedding / output layer on different ranks; one .distcp file per rank, optimizer
+    entries beside the model): the export is bit-exact to the source."""
+    import torch.multiprocessing as mp
+    from model_fixtures import _free_port
+
+    from prolong_nemo.convert.megatron_io import read_recorded_config
+
+    src = make_hf_model(tmp_path / "hf", dtype=torch.float32, num_hidden_layers=4)
+    hf_to_megatron(src, tmp_path / "mg", show_progress=False)
+    iter_dir = tmp_path / "run" / "iter_0000007"
+    iter_dir.mkdir(parents=True)
+    mp.spawn(_reshard_worker, args=(2, _free_port(), tp, pp, str(tmp_path / "mg"), str(iter_dir)), nprocs=2, join=True)
+    (tmp_path / "run" / "latest_checkpointed_iteration.txt").write_text("7")
+    write_run_config(iter_dir, read_recorded_config(resolve_iter_dir(tmp_path / "mg"))[0])
+    reader = dcp_io.DistCheckpointReader(iter_dir)
+    files = {info.relative_path for info in reader.metadata.storage_data.values()}
+    assert len(files) >= 2
+    qkv = reader.metadata.state_dict_metadata["decoder.layers.self_attention.linear_qkv.weight"]
+    assert len(qkv.chunks) == 4 * tp
+    megatron_to_hf(tmp_path / "run", tmp_path / "out", show_progress=False)
+    assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
