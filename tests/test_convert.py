@@ -195,6 +195,8 @@ def test_tied_embeddings_round_trip(tmp_path):
     megatron_to_hf(tmp_path / "mg", tmp_path / "out", **quiet())
     assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+    model = load_without_warnings(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
 def test_transformers5_config_shape_is_read():
