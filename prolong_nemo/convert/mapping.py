@@ -129,11 +129,6 @@ def mcore_shape(arch: LlamaArch, tmap: TensorMap) -> tuple[int, ...]:
     return (sum(p[0] for p in parts), parts[0][1])
 
 
-def check_shape(tensor: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
-    if tuple(tensor.shape) != tuple(expected):
-        raise ConversionError(f"{what}: shape {tuple(tensor.shape)} does not match the config ({tuple(expected)})")
-
-
 # ---------------------------------------------------------------- fused layouts
 
 
@@ -160,25 +155,3 @@ def row_blocks(arch: LlamaArch, tmap: TensorMap) -> list[RowBlock]:
                 for b in (RowBlock(0, g * gq, gq), RowBlock(1, g * d, d), RowBlock(2, g * d, d))]
     rows = [shapes[s][0] for s in tmap.hf]
     return [RowBlock(i, 0, n) for i, n in enumerate(rows)]
-
-
-def fuse(arch: LlamaArch, tmap: TensorMap, parts: list[torch.Tensor]) -> torch.Tensor:
-    """HF tensors -> the Megatron tensor."""
-    blocks = row_blocks(arch, tmap)
-    if len(blocks) == 1:
-        return parts[0]
-    return torch.cat([parts[b.part][b.first: b.first + b.count] for b in blocks])
-
-
-def split(arch: LlamaArch, tmap: TensorMap, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The Megatron tensor -> its HF tensors (fresh tensors, or the input itself)."""
-    blocks = row_blocks(arch, tmap)
-    if len(blocks) == 1:
-        return (tensor,)
-    shapes = hf_shapes(arch)
-    parts = [torch.empty(shapes[s], dtype=tensor.dtype) for s in tmap.hf]
-    row = 0
-    for b in blocks:
-        parts[b.part][b.first: b.first + b.count] = tensor[row: row + b.count]
-        row += b.count
-    return tuple(parts)
