@@ -340,3 +340,25 @@ def test_export_of_a_checkpoint_saved_by_several_ranks(tmp_path, tp, pp):
     assert len(qkv.chunks) == 4 * tp
     megatron_to_hf(tmp_path / "run", tmp_path / "out", show_progress=False)
     assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
+
+
+def test_export_of_a_singleton_local_shards_checkpoint(tmp_path):
+    """megatron-core's other layout (content metadata singleton_local_shards): per-layer keys
+    and fc1 stored as separate `_w` / `_v` halves; the export is bit-exact to the source."""
+    from megatron.core import dist_checkpointing
+
+    from prolong_nemo.convert.megatron_io import read_recorded_config
+
+    src = make_hf_model(tmp_path / "hf", dtype=torch.float32)
+    hf_to_megatron(src, tmp_path / "mg", show_progress=False)
+    model, _ = load_megatron_model(tmp_path / "mg")
+    sharded = model.sharded_state_dict(metadata={"singleton_local_shards": True, "dp_cp_group": None})
+    iter_dir = tmp_path / "single" / "iter_0000002"
+    iter_dir.mkdir(parents=True)
+    dist_checkpointing.save({"model": sharded}, str(iter_dir))
+    keys = set(dcp_io.DistCheckpointReader(iter_dir).tensor_keys())
+    assert {"decoder.layers.1.mlp.linear_fc1.weight_w", "decoder.layers.1.mlp.linear_fc1.weight_v",
+            "decoder.layers.1.self_attention.linear_qkv.weight"} <= keys
+    write_run_config(iter_dir, read_recorded_config(resolve_iter_dir(tmp_path / "mg"))[0])
+    megatron_to_hf(iter_dir, tmp_path / "out", show_progress=False)
+    assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
