@@ -555,3 +555,19 @@ def test_bridge_model_sections_that_are_not_llama_are_refused(tmp_path, changes,
     (tmp_path / "run_config.yaml").write_text(yaml.safe_dump({"model": {**model, **changes}}))
     with pytest.raises(ConversionError, match=re.escape(message)):
         read_recorded_config(tmp_path)
+
+
+def test_cli_arch_from_for_a_checkpoint_without_recorded_config(tmp_path, capsys):
+    """--arch-from gives the architecture (refined by --rope-theta) and the folder's bos/eos ids."""
+    src = make_hf_model(tmp_path / "hf")
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    (resolve_iter_dir(tmp_path / "mg") / "run_config.yaml").unlink()
+    assert cli_main(["convert", "megatron-to-hf", str(tmp_path / "mg"), str(tmp_path / "x"), "--quiet"]) == 2
+    assert "no recorded model config" in capsys.readouterr().err
+    assert cli_main(["convert", "megatron-to-hf", str(tmp_path / "mg"), str(tmp_path / "out"), "--quiet",
+                     "--arch-from", str(src), "--rope-theta", "8e6"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert (config["rope_theta"], config["bos_token_id"], config["eos_token_id"]) == (8e6, 1, 2)
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+    assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))

@@ -34,17 +34,18 @@ def _arch_override(args: argparse.Namespace):
     from prolong_nemo.convert import hf_config
     from prolong_nemo.model.config import preset
 
+    extras = None
     if args.arch_from:
-        arch = hf_config.arch_from_hf_config(hf_config.read_config(args.arch_from), str(args.arch_from))[0]
+        arch, extras = hf_config.arch_from_hf_config(hf_config.read_config(args.arch_from), str(args.arch_from))
     elif args.preset:
         arch = preset(args.preset)
     else:
-        return None
+        return None, None
     if args.rope_theta is not None:
         arch = arch.replace(rope_theta=args.rope_theta)
     if args.max_position_embeddings is not None:
         arch = arch.replace(max_position_embeddings=args.max_position_embeddings)
-    return arch
+    return arch, extras  # --arch-from also gives the folder's bos/eos ids
 
 
 def _megatron_to_hf(args: argparse.Namespace) -> int:
@@ -53,8 +54,9 @@ def _megatron_to_hf(args: argparse.Namespace) -> int:
     if (args.rope_theta or args.max_position_embeddings) and not (args.arch_from or args.preset):
         raise ConversionError("--rope-theta / --max-position-embeddings only refine --arch-from / --preset; "
                               "by default the checkpoint's recorded config is exported")
+    arch, extras = _arch_override(args)
     result = megatron_to_hf(
-        args.ckpt, args.out, arch=_arch_override(args), tokenizer_dir=args.tokenizer,
+        args.ckpt, args.out, arch=arch, extras=extras, tokenizer_dir=args.tokenizer,
         max_shard_bytes=args.max_shard_size, overwrite=args.overwrite, fsync=not args.no_fsync,
         show_progress=not args.quiet,
     )

@@ -316,6 +316,7 @@ def megatron_to_hf(
     out_dir: Path,
     *,
     arch: LlamaArch | None = None,
+    extras: hf_config.HfExtras | None = None,
     tokenizer_dir: Path | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
@@ -325,12 +326,17 @@ def megatron_to_hf(
     """A Megatron torch_dist checkpoint (root or iter folder) -> HF safetensors + config.json.
 
     The config is the checkpoint's own (its recorded rope_theta / max_position_embeddings), unless
-    `arch` is given. Optimizer and RNG entries are never read. Tokenizer files come from
+    `arch` is given; bos/eos ids are `extras`, else those recorded with the checkpoint (Llama-3
+    base ids when none are). Optimizer and RNG entries are never read. Tokenizer files come from
     `tokenizer_dir`, else from the checkpoint's `tokenizer/` folder when present.
     """
     t0 = time.perf_counter()
     iter_dir = megatron_io.resolve_iter_dir(Path(ckpt))
-    recorded, extras = megatron_io.read_recorded_config(iter_dir) if arch is None else (arch, hf_config.HfExtras())
+    if arch is None:
+        recorded, own = megatron_io.read_recorded_config(iter_dir)
+        extras = extras or own
+    else:
+        recorded, extras = arch, extras or hf_config.HfExtras()
     reader = dcp_io.DistCheckpointReader(iter_dir)
     try:
         _check_tie(recorded, reader)
