@@ -209,3 +209,20 @@ def test_out_of_vocab_labels_are_not_ignored_but_masked_by_loss_mask():
     assert g_h[~keep].abs().max().item() == 0.0
     assert (g_h[keep] - hidden.grad[keep]).abs().max().item() <= 1e-5
     assert (g_w - weight.grad).abs().max().item() <= 1e-5
+
+
+def test_weight_gradient_accumulates_into_megatron_main_grad():
+    """Under megatron's DDP (fp32 `main_grad` + `grad_added_to_main_grad`), the chunks' weight
+    gradients land in main_grad on top of what is there, and DDP is told so."""
+    hidden, weight, labels = _inputs(seed=4, dtype=torch.bfloat16)
+    grad_out = torch.rand(labels.shape, generator=torch.Generator().manual_seed(5))
+    reference = _loss_and_grads(lambda h, w, y: chunked_linear_cross_entropy(h, w, y, chunk_tokens=64),
+                                hidden, weight, labels, grad_out)[2].float()
+    earlier = torch.randn(weight.shape, generator=torch.Generator().manual_seed(6))  # a previous micro-batch
+    weight.main_grad, weight.grad_added_to_main_grad = earlier.clone(), False
+    hidden.grad = weight.grad = None
+    chunked_linear_cross_entropy(hidden, weight, labels, chunk_tokens=64).backward(grad_out)
+    assert weight.grad_added_to_main_grad is True
+    # fp32 accumulation of bf16 chunk GEMMs: the only difference is the final bf16 cast of the reference
+    torch.testing.assert_close(weight.main_grad - earlier, reference, rtol=1e-2, atol=1e-2)
+    assert (weight.main_grad - earlier).abs().max() > 1e-1
