@@ -571,3 +571,19 @@ def test_cli_arch_from_for_a_checkpoint_without_recorded_config(tmp_path, capsys
     assert (config["rope_theta"], config["bos_token_id"], config["eos_token_id"]) == (8e6, 1, 2)
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
     assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
+
+
+def test_reader_refuses_records_that_disagree_with_the_metadata(tmp_path):
+    """Assembling a tensor from several chunks never casts a record silently to the metadata dtype."""
+    writer = dcp_io.DistCheckpointWriter(tmp_path / "ck")
+    full = torch.arange(8, dtype=torch.bfloat16).reshape(4, 2)
+    writer.add_chunk("x", full[:2], (4, 2), (0, 0))
+    writer.add_chunk("x", full[2:], (4, 2), (2, 0))
+    writer.finish({})
+    reader = dcp_io.DistCheckpointReader(tmp_path / "ck")
+    assert torch.equal(reader.read_region("x", (0, 0), (4, 2)), full)
+    metadata = reader.metadata
+    metadata.state_dict_metadata["x"].properties.dtype = torch.float32
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ConversionError, match=r"holds torch.bfloat16 \(2, 2\), metadata says torch.float32"):
+        dcp_io.DistCheckpointReader(tmp_path / "ck").read_region("x", (0, 0), (4, 2))

@@ -286,10 +286,10 @@ class DistCheckpointReader:
 
     def _load_chunk(self, key: str, chunk: StoredChunk) -> torch.Tensor:
         record = self._load_record(key, chunk.info)
-        if tuple(record.shape) != chunk.sizes:
+        if tuple(record.shape) != chunk.sizes or record.dtype != self.dtype(key):
             raise ConversionError(
-                f"{self.directory}: tensor {key}: chunk at {chunk.offsets} holds shape "
-                f"{tuple(record.shape)}, metadata says {chunk.sizes}"
+                f"{self.directory}: tensor {key}: chunk at {chunk.offsets} holds {record.dtype} "
+                f"{tuple(record.shape)}, metadata says {self.dtype(key)} {chunk.sizes}"
             )
         return record
 
