@@ -132,15 +132,12 @@ def load_weights(root: str, model) -> int:
     """Model weights only from a Megatron checkpoint root (`latest_checkpointed_iteration.txt`)."""
     from megatron.core import dist_checkpointing
 
-    from prolong_nemo.training.cpu_runner import latest_step
+    from prolong_nemo.training.cpu_runner import latest_step, load_model_state
 
     step = latest_step(root)
     path = Path(root) / f"iter_{step:07d}" if step is not None else Path(root)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
-    result = model.load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing:
-        raise RecipeError(f"{path} lacks model weights {missing[:5]}")
+    load_model_state(model, loaded["model"], path)
     return step or 0
 
 

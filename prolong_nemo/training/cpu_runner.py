@@ -93,7 +93,7 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) ->
 
     from prolong_nemo.cpu_compat import apply_cpu_patches
 
-    apply_cpu_patches()
+    apply_cpu_patches(force=True)  # a CPU run, even on a machine that has a GPU
     if not dist.is_initialized():
         if "WORLD_SIZE" in os.environ:  # torchrun (or the user) set up the rendezvous
             dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
@@ -101,6 +101,10 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) ->
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tp, pp, context_parallel_size=cp)
+    sizes = (parallel_state.get_tensor_model_parallel_world_size(),
+             parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_context_parallel_world_size())
+    if sizes != (tp, pp, cp):
+        raise RuntimeError(f"model-parallel groups already exist with (tp, pp, cp) = {sizes}, not {(tp, pp, cp)}")
     model_parallel_cuda_manual_seed(seed)
 
 
@@ -193,6 +197,16 @@ def save_checkpoint(root: str | Path, state: TrainState) -> Path:
     return target
 
 
+def load_model_state(model: torch.nn.Module, state_dict: dict, where: Path) -> None:
+    """Load weights, refusing a checkpoint that lacks any (TE's `_extra_state` may differ by spec)."""
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"{where}: checkpoint does not match the model (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]})")
+
+
 def load_checkpoint(root: str | Path, state: TrainState) -> bool:
     """Resume model, optimizer, scheduler and data position from the latest checkpoint."""
     from megatron.core import dist_checkpointing
@@ -201,7 +215,7 @@ def load_checkpoint(root: str | Path, state: TrainState) -> bool:
     if step is None:
         return False
     loaded = dist_checkpointing.load({"model": state.model.sharded_state_dict()}, str(_iter_dir(Path(root), step)))
-    state.model.load_state_dict(loaded["model"], strict=False)
+    load_model_state(state.model, loaded["model"], _iter_dir(Path(root), step))
     state.optimizer.load_state_dict(loaded["optimizer"])
     state.scheduler.load_state_dict(loaded["scheduler"])
     state.step = int(loaded["train_state"]["step"])
