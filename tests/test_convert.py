@@ -221,6 +221,10 @@ def test_tokenizer_files_are_carried(tmp_path):
     (other / "tokenizer.json").write_text('{"model": "y"}')
     megatron_to_hf(tmp_path / "mg", tmp_path / "out2", tokenizer_dir=other, **quiet())
     assert (tmp_path / "out2" / "tokenizer.json").read_text() == '{"model": "y"}'
+    (tmp_path / "empty").mkdir()  # a named folder without tokenizer files is a mistake, not "none"
+    with pytest.raises(ConversionError, match="empty: no tokenizer files"):
+        megatron_to_hf(tmp_path / "mg", tmp_path / "out3", tokenizer_dir=tmp_path / "empty", **quiet())
+    assert not (tmp_path / "out3").exists()
 
 
 # ---------------------------------------------------------------- refused inputs

@@ -55,8 +55,9 @@ def atomic_output_dir(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     _fsync_dir(dest.parent)
 
 
-def copy_tokenizer(src: Path | None, dest: Path) -> list[str]:
-    """Copy the tokenizer files found in `src` into `dest`; returns what was copied."""
+def copy_tokenizer(src: Path | None, dest: Path, required: bool = False) -> list[str]:
+    """Copy the tokenizer files found in `src` into `dest`; returns what was copied. With
+    `required` (a folder the user named), a folder without any is an error."""
     if src is None:
         return []
     src = Path(src)
@@ -68,6 +69,8 @@ def copy_tokenizer(src: Path | None, dest: Path) -> list[str]:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / name, dest / name)
             copied.append(name)
+    if required and not copied:
+        raise ConversionError(f"{src}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
     return copied
 
 

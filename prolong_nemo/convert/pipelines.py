@@ -347,9 +347,10 @@ def megatron_to_hf(
             nbytes = _write_hf(recorded, reader, jobs, tmp, max_shard_bytes, show_progress, fsync)
             _write_json(tmp / "config.json", hf_config.hf_config_dict(recorded, extras))
             _write_json(tmp / "generation_config.json", hf_config.generation_config_dict(extras))
-            tok = tokenizer_dir if tokenizer_dir is not None else iter_dir / megatron_io.TOKENIZER_DIR
-            if tokenizer_dir is not None or tok.is_dir():
-                outputs.copy_tokenizer(tok, tmp)
+            if tokenizer_dir is not None:
+                outputs.copy_tokenizer(tokenizer_dir, tmp, required=True)
+            elif (iter_dir / megatron_io.TOKENIZER_DIR).is_dir():
+                outputs.copy_tokenizer(iter_dir / megatron_io.TOKENIZER_DIR, tmp)
     finally:
         reader.close()
     count = sum(len(j.hf) for j in jobs)
