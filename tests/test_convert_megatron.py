@@ -362,3 +362,22 @@ def test_export_of_a_singleton_local_shards_checkpoint(tmp_path):
     write_run_config(iter_dir, read_recorded_config(resolve_iter_dir(tmp_path / "mg"))[0])
     megatron_to_hf(iter_dir, tmp_path / "out", show_progress=False)
     assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
+
+
+def test_converted_checkpoint_loads_into_a_padded_vocabulary(tmp_path):
+    """Bridge pads the vocabulary to a multiple of 128 x TP: the converted (unpadded) embedding
+    and output layer still load (megatron-core allows that shape mismatch), real rows intact."""
+    from megatron.core import dist_checkpointing
+
+    from prolong_nemo.convert.megatron_io import read_recorded_config
+    from prolong_nemo.convert.verify import _weights_only
+    from prolong_nemo.model.builder import build_gpt_model
+
+    src = make_hf_model(tmp_path / "hf", dtype=torch.float32, vocab_size=250)
+    hf_to_megatron(src, tmp_path / "mg", show_progress=False)
+    iter_dir = resolve_iter_dir(tmp_path / "mg")
+    model = build_gpt_model(read_recorded_config(iter_dir)[0].replace(vocab_size=256), 64, backend="local")
+    state = dist_checkpointing.load({"model": _weights_only(model.sharded_state_dict())}, str(iter_dir))["model"]
+    hf = all_tensors(src)
+    for mcore, name in (("embedding.word_embeddings.weight", "model.embed_tokens.weight"), ("output_layer.weight", "lm_head.weight")):
+        assert state[mcore].shape == (256, 64) and torch.equal(state[mcore][:250], hf[name])
