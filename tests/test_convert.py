@@ -591,3 +591,19 @@ def test_reader_refuses_records_that_disagree_with_the_metadata(tmp_path):
     (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(metadata))
     with pytest.raises(ConversionError, match=r"holds torch.bfloat16 \(2, 2\), metadata says torch.float32"):
         dcp_io.DistCheckpointReader(tmp_path / "ck").read_region("x", (0, 0), (4, 2))
+
+
+def test_bridge_trackers_are_written(tmp_path):
+    """Bridge reads `latest_train_state.pt` first; with only `latest_checkpointed_iteration.txt`
+    it asserts the iteration is > 0 (`read_metadata`), so "0" alone is not loadable as a root."""
+    src = make_hf_model(tmp_path / "hf")
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    root = tmp_path / "mg"
+    latest = torch.load(root / "latest_train_state.pt", weights_only=True)  # what Bridge's read_train_state does
+    local = torch.load(root / "iter_0000000" / "train_state.pt", weights_only=True)
+    assert latest.keys() == local.keys() and latest["step"].item() == 0 and latest["step"].dtype == torch.int64
+    state_py = Path(__file__).resolve().parents[1] / ".venv/extras/bridge/megatron/bridge/training/state.py"
+    if state_py.is_file():  # every key Bridge's TrainState.load_state_dict reads is there
+        source = state_py.read_text()
+        body = source[source.index("def load_state_dict"):source.index("class FaultToleranceState")]
+        assert set(re.findall(r'state_dict\["(\w+)"\]', body)) == set(latest)

@@ -1,7 +1,9 @@
 """The Megatron-Bridge checkpoint layout around a torch_dist folder, and the recorded config.
 
     <root>/latest_checkpointed_iteration.txt   "0" (or "release")
+    <root>/latest_train_state.pt               Bridge's tracker (its TrainState, step 0)
     <root>/iter_0000000/                       torch_dist folder (dcp_io)
+    <root>/iter_0000000/train_state.pt         the same TrainState
     <root>/iter_0000000/run_config.yaml        Bridge's run config: `model:` + `checkpoint:`
                                                sections, plus our `prolong:` section
     <root>/iter_0000000/tokenizer/             tokenizer files, when known
@@ -19,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from prolong_nemo.convert.hf_config import HfExtras, normalize_rope_scaling
@@ -26,6 +29,8 @@ from prolong_nemo.convert.mapping import ConversionError
 from prolong_nemo.model.config import LlamaArch
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+TRAIN_STATE_FILE = "train_state.pt"
+LATEST_TRAIN_STATE_FILE = "latest_train_state.pt"
 RUN_CONFIG_FILE = "run_config.yaml"
 TOKENIZER_DIR = "tokenizer"
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
@@ -190,5 +195,27 @@ def read_recorded_config(iter_dir: Path) -> tuple[LlamaArch, HfExtras]:
     return arch, HfExtras.from_dict(prolong.get("hf"))
 
 
+def train_state(iteration: int) -> dict[str, torch.Tensor]:
+    """Bridge's `TrainState.state_dict()` of a checkpoint nothing was trained into yet."""
+    zero = torch.tensor(0, dtype=torch.int64)
+    return {
+        "step": torch.tensor(iteration, dtype=torch.int64),
+        "consumed_train_samples": zero.clone(),
+        "skipped_train_samples": zero.clone(),
+        "consumed_valid_samples": zero.clone(),
+        "floating_point_operations_so_far": torch.tensor(0.0, dtype=torch.float64),
+        "do_train": torch.tensor(False),
+        "do_valid": torch.tensor(False),
+        "do_test": torch.tensor(False),
+    }
+
+
 def write_tracker(root: Path, iteration: int) -> None:
-    (Path(root) / TRACKER_FILE).write_text(str(iteration))
+    """Both trackers Bridge writes. Bridge (like Megatron-LM) refuses a
+    `latest_checkpointed_iteration.txt` of "0" unless `latest_train_state.pt` is there: it reads
+    that one first (`torch.load(weights_only=True)`, plain tensors only)."""
+    root = Path(root)
+    (root / TRACKER_FILE).write_text(str(iteration))
+    state = train_state(iteration)
+    torch.save(state, root / iter_dir_name(iteration) / TRAIN_STATE_FILE)
+    torch.save(state, root / LATEST_TRAIN_STATE_FILE)
