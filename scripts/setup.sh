@@ -29,6 +29,7 @@ fi
 # - transformers 5: what NGC containers ship; proves our modules import beside it.
 extra() { local dir=.venv/extras/$1; shift; [ -d "$dir" ] || .venv/bin/python -m pip install -q --no-deps --target "$dir" "$@"; }
 extra bridge megatron-bridge==0.6.2
+extra bridge05 megatron-bridge==0.5.0
 extra nemo-run -r recipes/requirements-launch.txt
 extra transformers5 transformers==5.12.1 huggingface-hub==1.5.0 typer click shellingham annotated-doc
 echo "prolong-nemo installed in .venv"

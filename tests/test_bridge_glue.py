@@ -1,23 +1,36 @@
-"""The Megatron-Bridge glue against the real megatron-bridge package (pinned below).
+"""The Megatron-Bridge glue against the real megatron-bridge packages (both pinned below).
+
+Two releases are tested, each from its own side folder: 0.5.0 (NGC NeMo 26.06, the default
+container, with megatron-core 0.18) and 0.6.2 (the newest). Tests that read Bridge take the
+module-level `bridge` fixture, parametrized over both; version-specific expectations live in
+`RELEASES`.
 
 Bridge cannot be imported as a whole on a CPU machine: `megatron/bridge/__init__.py` imports
 every model bridge, whose PEFT layers import Transformer Engine unconditionally, and
 `training.config` / `training.pretrain` reach the same chain (plus nvidia-resiliency-ext,
 whose PyPI release is older than megatron-core 0.19 accepts). So:
-- modules that import without TE (`training.callbacks`, `data.base`) are imported for real,
-  skipping only the package `__init__`s (empty package objects with the real `__path__`), and
+- modules that import without TE (`training.callbacks`, `data.base`, `training.utils.sig_utils`,
+  `training.utils.packed_seq_utils`) are imported for real, skipping only the package
+  `__init__`s (empty package objects with the real `__path__`), and
   `prolong_nemo.recipes.bridge`'s dataset provider is built on the real `DatasetProvider`;
+  in 0.5 that class lives in `training.config`, whose dataset-contract classes are executed
+  from the real source on their own (the rest of that module needs TE);
+- functions of `training.gpt_step` (which imports TE-backed modules) are executed from the
+  real source on their own, on our real collated batch;
 - the config classes Bridge builds on (megatron.training.config, megatron.core) are
   instantiated for real with our keyword arguments;
 - Bridge-only fields and signatures are read from the installed Bridge source (AST).
 
-Bridge is installed without dependencies into a side folder (never into the venv, where its
-presence would make other tests try to import it):
+Bridge is installed without dependencies into side folders (never into the venv, where its
+presence would make other tests try to import it), as scripts/setup.sh does:
     pip install --no-deps --target .venv/extras/bridge megatron-bridge==0.6.2
+    pip install --no-deps --target .venv/extras/bridge05 megatron-bridge==0.5.0
+PROLONG_BRIDGE_SITE, if set, replaces the folder of the release it holds.
 """
 
 from __future__ import annotations
 
+import __future__
 import ast
 import dataclasses
 import importlib
@@ -25,8 +38,10 @@ import importlib.util
 import inspect
 import os
 import re
+import signal
 import sys
 import types
+from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,16 +68,57 @@ from prolong_nemo.recipes.config import RecipeError
 from prolong_nemo.recipes.stages import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-BRIDGE_VERSION = "0.6.2"  # the Megatron-Bridge release these tests pin
-BRIDGE_SITE = Path(os.environ.get("PROLONG_BRIDGE_SITE", REPO / ".venv" / "extras" / "bridge"))
+EXTRAS = REPO / ".venv" / "extras"
+
+# The Megatron-Bridge releases these tests pin, and what differs between them for our glue.
+RELEASES = {
+    "0.6.2": dict(
+        folder="bridge",
+        # where DataloaderConfig / DatasetBuildContext / DatasetProvider are defined
+        contracts=("data/base.py", "megatron.bridge.data.base"),
+        # GlobalState enters DistributedSignalHandler (exit_signal_handler works by itself)
+        installs_signal_trap=True,
+        # packed-sequence keys gpt_step.get_batch reads (current names first, legacy fallback)
+        packed_keys=("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded",
+                     "max_seqlen_q", "max_seqlen_kv"),
+    ),
+    "0.5.0": dict(
+        folder="bridge05",
+        contracts=("training/config.py", "megatron.bridge.training.config"),
+        installs_signal_trap=False,
+        packed_keys=("cu_seqlens", "cu_seqlens_argmin", "max_seqlen"),
+    ),
+}
 
 
-def bridge_source(relative: str) -> Path:
-    path = BRIDGE_SITE / "megatron" / "bridge" / relative
-    if not path.is_file():
-        pytest.skip(f"megatron-bridge not installed in {BRIDGE_SITE} "
-                    f"(pip install --no-deps --target {BRIDGE_SITE} megatron-bridge=={BRIDGE_VERSION})")
-    return path
+def _site_of(version: str) -> Path:
+    override = os.environ.get("PROLONG_BRIDGE_SITE")
+    if override:
+        found = [metadata.PathDistribution(d).version for d in Path(override).glob("megatron_bridge-*.dist-info")]
+        if found == [version]:
+            return Path(override)
+    return EXTRAS / RELEASES[version]["folder"]
+
+
+class Bridge(SimpleNamespace):
+    """One pinned release: `version`, `site` (its side folder), the RELEASES facts."""
+
+    def source(self, relative: str) -> Path:
+        path = self.site / "megatron" / "bridge" / relative
+        if not path.is_file():
+            pytest.skip(f"megatron-bridge {self.version} not installed in {self.site} "
+                        f"(pip install --no-deps --target {self.site} megatron-bridge=={self.version})")
+        return path
+
+
+@pytest.fixture(scope="module", params=list(RELEASES), ids=lambda v: f"bridge{v}")
+def bridge(request):
+    version = request.param
+    release = Bridge(version=version, site=_site_of(version), **RELEASES[version])
+    release.source("training/callbacks.py")  # skips when this release is not installed
+    dist = metadata.PathDistribution(next(release.site.glob("megatron_bridge-*.dist-info")))
+    assert dist.version == version, f"tests pin megatron-bridge {version} in {release.site}, found {dist.version}"
+    return release
 
 
 def dataclass_fields(path: Path, class_name: str) -> dict[str, bool]:
@@ -86,18 +142,53 @@ def base_fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-@pytest.fixture(scope="module")
-def bridge_callbacks():
-    """The real `megatron.bridge.training.callbacks`, imported without the package __init__."""
-    bridge_source("training/callbacks.py")
-    from importlib import metadata
+def exec_from_source(path: Path, module_name: str, names: set[str], namespace: dict,
+                     imports_from: tuple[str, ...] = (), lazy_annotations: bool = False) -> types.ModuleType:
+    """A module holding the top-level definitions `names` of `path`, executed from the real source.
 
-    dist = metadata.PathDistribution(next(BRIDGE_SITE.glob("megatron_bridge-*.dist-info")))
-    assert dist.version == BRIDGE_VERSION, f"tests pin megatron-bridge {BRIDGE_VERSION}, found {dist.version}"
+    For Bridge modules that cannot be imported whole on a CPU: only the named classes,
+    functions and assignments run (plus `path`'s own imports from the `imports_from` modules),
+    compiled with `path` as file name. The module is in sys.modules while it executes (as in an
+    import; dataclasses look it up) and is removed after unless the caller registers it.
+    `lazy_annotations`: annotations stay strings, for functions annotated with names not loaded.
+    """
+    tree = ast.parse(path.read_text())
+
+    def defined(node):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            return {node.name}
+        if isinstance(node, ast.Assign):
+            return {t.id for t in node.targets if isinstance(t, ast.Name)}
+        return set()
+
+    imports = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module in imports_from]
+    nodes = [n for n in tree.body if defined(n) & names]
+    missing = names - set().union(*map(defined, nodes))
+    assert not missing, f"{sorted(missing)} not defined in {path}"
+    module = types.ModuleType(module_name)
+    module.__file__ = str(path)
+    module.__dict__.update(namespace)
+    code = compile(ast.Module(body=imports + nodes, type_ignores=[]), str(path), "exec",
+                   flags=__future__.annotations.compiler_flag if lazy_annotations else 0, dont_inherit=True)
+    sys.modules[module_name] = module
+    try:
+        exec(code, module.__dict__)
+    finally:
+        del sys.modules[module_name]
+    return module
+
+
+def _ours(name: str) -> bool:
+    return name == "megatron.bridge" or name.startswith(("megatron.bridge.", "prolong_nemo.recipes.bridge"))
+
+
+@pytest.fixture(scope="module")
+def bridge_callbacks(bridge):
+    """The real `megatron.bridge.training.callbacks`, imported without the package __init__."""
     saved_path = list(sys.path)
-    sys.path.insert(0, str(BRIDGE_SITE))
+    sys.path.insert(0, str(bridge.site))
     package = types.ModuleType("megatron.bridge")
-    package.__path__ = [str(BRIDGE_SITE / "megatron" / "bridge")]
+    package.__path__ = [str(bridge.site / "megatron" / "bridge")]
     sys.modules["megatron.bridge"] = package
     try:
         yield importlib.import_module("megatron.bridge.training.callbacks")
@@ -110,30 +201,38 @@ def bridge_callbacks():
 
 
 @pytest.fixture
-def bridge_data():
-    """The real `megatron.bridge.data.base` and our `prolong_nemo.recipes.bridge` on top of it.
+def bridge_data(bridge):
+    """The real module of Bridge's dataset contracts, and our `prolong_nemo.recipes.bridge` on top of it.
 
-    Only the package `__init__`s of `megatron.bridge` (model registry -> TE) and
-    `megatron.bridge.data` (Hugging Face `datasets`) are skipped; everything is restored after.
+    0.6: `megatron.bridge.data.base`, imported for real. 0.5: `megatron.bridge.training.config`,
+    of which only the contract classes are executed (from the real source). Only the package
+    `__init__`s of `megatron.bridge` (model registry -> TE) and `megatron.bridge.data`
+    (Hugging Face `datasets`) are skipped; everything is restored after.
     """
-    bridge_source("data/base.py")
-
-    def ours(name):
-        return name == "megatron.bridge" or name.startswith(("megatron.bridge.", "prolong_nemo.recipes.bridge"))
-
-    saved_modules = {k: v for k, v in sys.modules.items() if ours(k)}
+    relative, module_name = bridge.contracts
+    bridge.source(relative)
+    saved_modules = {k: v for k, v in sys.modules.items() if _ours(k)}
     saved_path = list(sys.path)
-    sys.path.insert(0, str(BRIDGE_SITE))
-    for name in [m for m in sys.modules if ours(m)]:
+    sys.path.insert(0, str(bridge.site))
+    for name in [m for m in sys.modules if _ours(m)]:
         del sys.modules[name]
     for name, sub in (("megatron.bridge", ""), ("megatron.bridge.data", "data")):
         package = types.ModuleType(name)
-        package.__path__ = [str(BRIDGE_SITE / "megatron" / "bridge" / sub)]
+        package.__path__ = [str(bridge.site / "megatron" / "bridge" / sub)]
         sys.modules[name] = package
     try:
-        yield importlib.import_module("megatron.bridge.data.base")
+        if module_name == "megatron.bridge.data.base":
+            yield importlib.import_module(module_name)
+        else:
+            importlib.import_module("megatron.bridge.training")  # the real (empty) package
+            module = exec_from_source(
+                bridge.source(relative), module_name, {"DataloaderConfig", "DatasetBuildContext", "DatasetProvider"},
+                {}, imports_from=("abc", "dataclasses", "typing", "megatron.core.process_groups_config",
+                                  "megatron.bridge.training.tokenizers.tokenizer"))
+            sys.modules[module_name] = module
+            yield module
     finally:
-        for name in [m for m in sys.modules if ours(m)]:
+        for name in [m for m in sys.modules if _ours(m)]:
             del sys.modules[name]
         sys.modules.update(saved_modules)
         sys.path[:] = saved_path
@@ -198,13 +297,13 @@ def test_resume_and_weights_only_starts_keep_checkpoint_schedules():
     assert (weights["checkpoint"]["load"], weights["checkpoint"]["pretrained_checkpoint"]) == ("/runs/sft", "/runs/512k")
 
 
-def test_bridge_config_fields_exist_in_the_pinned_release():
+def test_bridge_config_fields_exist_in_the_pinned_release(bridge):
     """Bridge-level fields (beyond the megatron base classes) checked against Bridge's source."""
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
     from megatron.training import config as mt
 
-    config_py = bridge_source("training/config.py")
+    config_py = bridge.source("training/config.py")
     container = dataclass_fields(config_py, "ConfigContainer")
     passed = {"train", "validation", "model", "optimizer", "ddp", "scheduler", "dataset", "logger",
               "tokenizer", "checkpoint", "rng", "mixed_precision"}
@@ -226,15 +325,16 @@ def test_bridge_config_fields_exist_in_the_pinned_release():
     used = set(re.findall(r"\bbc\.(\w+)", (REPO / "prolong_nemo/recipes/bridge.py").read_text()))
     assert {"ConfigContainer", "RNGConfig", "ValidationConfig", "TrainingConfig"} <= used <= module_names, \
         used - module_names
-    tokenizer = dataclass_fields(bridge_source("training/tokenizers/config.py"), "TokenizerConfig")
+    tokenizer = dataclass_fields(bridge.source("training/tokenizers/config.py"), "TokenizerConfig")
     assert set(s["tokenizer"]) <= set(tokenizer) | base_fields(mt.TokenizerConfig)
     # bf16 mixed precision by name, as bridge.py asks for it
-    assert "bf16_mixed" in {n.name for n in ast.walk(ast.parse(bridge_source("training/mixed_precision.py").read_text()))
+    assert "bf16_mixed" in {n.name for n in ast.walk(ast.parse(bridge.source("training/mixed_precision.py").read_text()))
                             if isinstance(n, ast.FunctionDef)}
 
 
-def test_dataset_provider_contract():
-    base_py = bridge_source("data/base.py")
+def test_dataset_provider_contract(bridge):
+    contracts, contracts_module = bridge.contracts
+    base_py = bridge.source(contracts)
     loader = dataclass_fields(base_py, "DataloaderConfig")
     context = dataclass_fields(base_py, "DatasetBuildContext")
     assert {"train_samples", "valid_samples", "test_samples"} <= set(context)
@@ -245,21 +345,25 @@ def test_dataset_provider_contract():
     assert fields["dataloader_type"] == "single"  # resume from consumed_train_samples
     assert set(ours) <= set(inspect.signature(build_prolong_datasets).parameters)
     # Bridge's protocol adapter calls build_datasets(context) for DatasetProvider instances
-    utils = (bridge_source("data/utils.py")).read_text()
+    utils_py = bridge.source("data/utils.py")
+    utils = utils_py.read_text()
     assert "config.build_datasets(context)" in utils and "isinstance(dataset_config, DatasetProvider)" in utils
+    # ... with the classes of the module bridge.py subclasses in this release (0.5: training.config)
+    imported = {a.name: n.module for n in ast.parse(utils).body if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert imported["DatasetProvider"] == imported["DatasetBuildContext"] == contracts_module
     # and its loader uses a dataset's collate_fn attribute when there is one
-    assert 'collate_fn=train_ds.collate_fn if hasattr(train_ds, "collate_fn")' in bridge_source("data/loaders.py").read_text()
+    assert 'collate_fn=train_ds.collate_fn if hasattr(train_ds, "collate_fn")' in bridge.source("data/loaders.py").read_text()
 
 
-def test_pretrain_and_forward_step_signatures():
-    assert function_params(bridge_source("training/pretrain.py"), "pretrain") == \
+def test_pretrain_and_forward_step_signatures(bridge):
+    assert function_params(bridge.source("training/pretrain.py"), "pretrain") == \
         ["config", "forward_step_func", "callbacks"]
     from prolong_nemo.training.forward_step import StepOptions, make_forward_step
 
     step = make_forward_step(StepOptions(partition_for_cp=True))
     assert list(inspect.signature(step).parameters) == ["data_iterator", "model"]
     # Bridge's TrainState counters are the ones the chaining callback resets
-    state = dataclass_fields(bridge_source("training/state.py"), "TrainState")
+    state = dataclass_fields(bridge.source("training/state.py"), "TrainState")
     assert set(TRAIN_STATE_COUNTERS) <= set(state)
     assert {k for k in state if k not in TRAIN_STATE_COUNTERS} == {"do_train", "do_valid", "do_test"}
     # the entry script is valid Python and calls bridge.main
@@ -290,12 +394,12 @@ def previous_stage_optimizer():
     return opt, sched
 
 
-def test_bridge_scheduler_counts_samples():
+def test_bridge_scheduler_counts_samples(bridge):
     """Why the chaining schedule is in samples: Bridge sizes and advances its scheduler that way."""
-    config = bridge_source("training/config.py").read_text()
+    config = bridge.source("training/config.py").read_text()
     assert "self.scheduler.lr_decay_steps = self.scheduler.lr_decay_iters * self.train.global_batch_size" in config
     assert "self.scheduler.lr_warmup_steps = self.scheduler.lr_warmup_iters * self.train.global_batch_size" in config
-    train = bridge_source("training/train.py").read_text()
+    train = bridge.source("training/train.py").read_text()
     assert "increment = get_num_microbatches() * train_config.micro_batch_size * cfg.data_parallel_size" in train
     assert "scheduler.step(increment=increment)" in train
     recipe = load_recipe("stage_512k")
@@ -494,17 +598,140 @@ def test_dataset_provider_through_the_real_bridge_contract(bridge_data, tmp_path
         ProLongDatasetProvider("single")
 
 
-def test_callbacks_for_a_chained_stage(bridge_data):
+def test_callbacks_for_a_chained_stage(bridge, bridge_data):
     """bridge.py's wiring: the chain callback gets this stage's schedule in Bridge's units."""
     from prolong_nemo.recipes.bridge import bridge_version, callbacks_for
-    from prolong_nemo.recipes.bridge_callbacks import ProgressLogCallback, StageChainCallback
+    from prolong_nemo.recipes.bridge_callbacks import ProgressLogCallback, SignalTrapCallback, StageChainCallback
 
-    assert bridge_version() == (0, 6, 2)
+    assert bridge_version() == tuple(map(int, bridge.version.split(".")))
+    # Bridge 0.5 builds the SIGTERM trap of exit_signal_handler without installing it: we do
+    trap = [] if bridge.installs_signal_trap else [SignalTrapCallback]
     recipe = load_recipe("stage_512k")
-    chain, progress = callbacks_for(recipe, StartPoint("chain", load="/runs/64k"), log=lambda _: None)
-    assert isinstance(chain, StageChainCallback) and isinstance(progress, ProgressLogCallback)
+    callbacks = callbacks_for(recipe, StartPoint("chain", load="/runs/64k"), log=lambda _: None)
+    assert [type(c) for c in callbacks] == trap + [StageChainCallback, ProgressLogCallback]
+    chain = callbacks[-2]
     assert chain.init_from == "/runs/64k"
     assert chain.schedule == dict(max_lr=5e-6, min_lr=pytest.approx(5e-7), warmup_steps=250 * 16,
                                   decay_steps=2500 * 16)  # samples: iterations x global batch 16
     resume = callbacks_for(recipe, StartPoint("resume", load="/runs/512k"), log=lambda _: None)
-    assert [type(c) for c in resume] == [ProgressLogCallback]
+    assert [type(c) for c in resume] == trap + [ProgressLogCallback]
+
+
+# ---------------------------------------------------------------------------------------------
+# Differences between the pinned releases that the glue handles
+# ---------------------------------------------------------------------------------------------
+def test_exit_signal_handler_installs_the_trap(bridge, bridge_callbacks):
+    """`exit_signal_handler=True` (bridge_sections) must trap SIGTERM so Bridge saves and exits.
+
+    Bridge 0.6 enters its DistributedSignalHandler when the config is set; 0.5 only constructs
+    it, so no OS handler exists and a Slurm SIGTERM kills the ranks without a checkpoint.
+    SignalTrapCallback enters Bridge's own handler at on_data_init_start (before the data loaders
+    fork their workers, which then inherit it as under 0.6); on an entered one it does nothing.
+    Signal: SIGUSR2 (the test process keeps its SIGTERM disposition).
+    """
+    from prolong_nemo.recipes.bridge_callbacks import SignalTrapCallback
+
+    state_py = bridge.source("training/state.py").read_text()
+    built = re.search(r"self\._signal_handler = DistributedSignalHandler\(self\.cfg\.train\.exit_signal\)(.*)",
+                      state_py)
+    assert built and built.group(1).startswith(".__enter__()") == bridge.installs_signal_trap
+    train_py = bridge.source("training/train.py").read_text()
+    assert "if any(signal_handler.signals_received()):" in train_py  # the polled exit branch
+    setup_py = bridge.source("training/setup.py").read_text()  # the event fires before the data loaders
+    assert setup_py.index('callback_manager.fire("on_data_init_start"') < setup_py.index("setup_data_iterators(")
+    sig_utils = importlib.import_module("megatron.bridge.training.utils.sig_utils")
+
+    def context(handler, enabled=True):
+        state = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(exit_signal_handler=enabled)),
+                                signal_handler=handler)
+        return bridge_callbacks.CallbackContext(state=state, model=[])
+
+    previous = signal.getsignal(signal.SIGUSR2)
+    handler = sig_utils.DistributedSignalHandler(signal.SIGUSR2)  # as Bridge 0.5's GlobalState leaves it
+    try:
+        assert signal.getsignal(signal.SIGUSR2) is previous  # constructed, not installed
+        manager = bridge_callbacks.CallbackManager()
+        callback = SignalTrapCallback()
+        manager.add(callback)
+        manager.fire("on_data_init_start", context(handler, enabled=False))
+        assert not callback.installed and signal.getsignal(signal.SIGUSR2) is previous
+        manager.fire("on_data_init_start", context(handler))
+        assert callback.installed
+        installed = signal.getsignal(signal.SIGUSR2)
+        assert installed is not previous and installed.__qualname__.startswith("DistributedSignalHandler.__enter__")
+        assert handler.signals_received() == [False]
+        signal.raise_signal(signal.SIGUSR2)  # the handler runs before this returns
+        assert handler.signals_received() == [True]  # Bridge's loop now saves and exits
+        # an entered handler (Bridge 0.6) is left alone
+        again = SignalTrapCallback()
+        again.on_data_init_start(context(handler))
+        assert not again.installed and signal.getsignal(signal.SIGUSR2) is installed
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def packed_batch(tmp_path):
+    """One collated row of the data adapter (docs/batch-contract.md), CP 4 / TP 2 with SP."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from data_fixtures import write_random_domain
+    finally:
+        sys.path.pop(0)
+    write_random_domain(tmp_path / "long", n=4, length=256, seed=3)
+    f = dataset_fields(load_recipe("stage_512k", [f"data.root={tmp_path}", "data.sequence_length=256",
+                                                  "data.mixture=[{path: long, proportion: 1.0}]"]))
+    kwargs = {k: f[k] for k in ("domains", "seq_length", "seed", "document_masking", "cp_size", "tp_size",
+                                "sequence_parallel", "vocab_size", "cache_dir")}
+    train, _, _ = build_prolong_datasets(**kwargs, train_samples=2)
+    batch = train.collate_fn([train[0]])
+    assert batch["cu_seqlens_q"].shape[1] > 2  # several documents in the row
+    return batch
+
+
+def test_stock_get_batch_reads_our_packed_keys(bridge, bridge_callbacks, tmp_path, monkeypatch):
+    """Bridge's own gpt_step.get_batch, run on our collated batch, yields the attention layout our
+    forward step builds (our forward step reads the 0.6 keys itself; the legacy keys are for
+    Bridge 0.5's stock path). Functions run from the real gpt_step source (the module needs TE),
+    the packed-seq helper is imported for real."""
+    from prolong_nemo.training.forward_step import packed_seq_params
+
+    batch = packed_batch(tmp_path)
+    ours = packed_seq_params(batch)
+    gpt_step = bridge.source("training/gpt_step.py")
+    current = "cu_seqlens_q" in bridge.packed_keys  # 0.6 reads the current key names (0.5 the legacy ones)
+    names = {"get_batch_from_iterator"} | ({
+        "_CURRENT_PACKED_SEQ_DEVICE_KEYS", "_CURRENT_PACKED_SEQ_HOST_KEYS", "_CURRENT_PACKED_SEQ_PARAM_KEYS",
+        "_LEGACY_PACKED_SEQ_DEVICE_KEYS", "_LEGACY_PACKED_SEQ_HOST_KEYS", "_LEGACY_PACKED_SEQ_PARAM_KEYS",
+        "_PackedMetadataValue", "_packed_metadata_for_forward", "_cu_seqlens_for_cp_partition",
+        "_trim_padded_cu_seqlens_for_cp"} if current else set())
+    step = exec_from_source(gpt_step, "gpt_step_under_test", names, {"torch": torch}, lazy_annotations=True)
+    packed_seq_utils = importlib.import_module("megatron.bridge.training.utils.packed_seq_utils")
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # device keys stay on the CPU
+
+    got = step.get_batch_from_iterator(iter([dict(batch)]), False, True, is_first_pp_stage=True,
+                                       is_last_pp_stage=True)
+    assert {k for k, v in got.items() if v is not None} == \
+        {"tokens", "labels", "loss_mask", "position_ids", *bridge.packed_keys}
+    if current:
+        metadata_ = step._packed_metadata_for_forward(got)
+        cp_boundaries = step._cu_seqlens_for_cp_partition(got)
+    else:
+        # _forward_step_common passes these five (None where absent) to get_packed_seq_params ...
+        legacy = ("cu_seqlens", "cu_seqlens_argmin", "max_seqlen", "cu_seqlens_unpadded", "cu_seqlens_unpadded_argmin")
+        source = gpt_step.read_text()
+        assert all(f'"{k}": {k},' in source for k in legacy)
+        metadata_ = {k: got.get(k) for k in legacy}
+        # ... and _partition_packed_batch_for_cp gives TE's thd_get_partitioned_indices the
+        # untrimmed cu_seqlens: valid because ours has no -1 fill (argmin == its length)
+        assert 'cu_seqlens = batch["cu_seqlens"]' in source
+        assert int(got["cu_seqlens_argmin"]) == got["cu_seqlens"].shape[1]
+        cp_boundaries = got["cu_seqlens"].squeeze()
+    params = packed_seq_utils.get_packed_seq_params(metadata_)
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.dtype == torch.int32
+    assert torch.equal(params.cu_seqlens_q, ours.cu_seqlens_q) and torch.equal(params.cu_seqlens_kv, ours.cu_seqlens_kv)
+    # 0.5 leaves the padded boundaries unset (TE then uses cu_seqlens_q, identical here)
+    for padded in (params.cu_seqlens_q_padded, params.cu_seqlens_kv_padded):
+        assert padded is None if not current else torch.equal(padded, ours.cu_seqlens_q_padded)
+    assert int(params.max_seqlen_q) == int(params.max_seqlen_kv) == ours.max_seqlen_q
+    assert torch.equal(cp_boundaries, ours.cu_seqlens_q_padded)
+    assert int(cp_boundaries[-1]) == batch["tokens"].shape[1] and bool(torch.all(torch.diff(cp_boundaries) % 8 == 0))

@@ -7,6 +7,10 @@ GPU under torchrun:
 
 Bridge's package imports Transformer Engine, so this module only imports where TE works (a GPU
 container); the plain-data half of the mapping is `bridge_spec.py`.
+
+Tested against Bridge 0.5.0 (NGC NeMo 26.06) and 0.6.2 (tests/test_bridge_glue.py). What differs
+for this glue: the dataset contracts moved from `training.config` to `data.base` in 0.6, and
+0.5 never installs the SIGTERM trap of `train.exit_signal_handler` (`SignalTrapCallback` does).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 
 try:  # Bridge >= 0.6 moved the dataset contracts to megatron.bridge.data.base
     from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider
-except ImportError:  # Bridge 0.4 / 0.5
+except ImportError:  # Bridge 0.4 / 0.5: they live in training.config (0.6 re-exports them there)
     from megatron.bridge.training.config import DatasetBuildContext, DatasetProvider
 
 from prolong_nemo.recipes.bridge_spec import (
@@ -116,11 +120,17 @@ def bridge_version() -> tuple[int, ...]:
     return parse_version(text) or (0,)
 
 
+# First Bridge release whose GlobalState installs the SIGTERM trap of `exit_signal_handler`.
+BRIDGE_INSTALLS_SIGNAL_TRAP = (0, 6)
+
+
 def callbacks_for(recipe: RecipeConfig, start: StartPoint, log=print) -> list:
-    from prolong_nemo.recipes.bridge_callbacks import ProgressLogCallback, StageChainCallback
+    from prolong_nemo.recipes.bridge_callbacks import ProgressLogCallback, SignalTrapCallback, StageChainCallback
     from prolong_nemo.recipes.plan import MIN_BRIDGE_CHAIN
 
     callbacks: list = []
+    if bridge_version() < BRIDGE_INSTALLS_SIGNAL_TRAP:  # save on SIGTERM (bridge_sections sets exit_signal_handler)
+        callbacks.append(SignalTrapCallback())
     if start.kind == "chain":
         if bridge_version() < MIN_BRIDGE_CHAIN:
             raise RuntimeError(

@@ -1,5 +1,7 @@
 """Megatron-Bridge callbacks of the ProLong recipes (Bridge >= 0.5 for `on_data_init_start`).
 
+- `SignalTrapCallback` (Bridge < 0.6 only): installs the SIGTERM trap that
+  `train.exit_signal_handler=True` asks for; Bridge 0.5 builds it but never enters it.
 - `StageChainCallback`: stage 512K starts from stage 64K's weights AND Adam state with a fresh
   step count, data position and LR schedule. Bridge loads the checkpoint in `setup()`; this
   event fires right after, before the data loaders are built from `consumed_train_samples`.
@@ -21,6 +23,34 @@ from prolong_nemo.recipes.bridge_spec import TRAIN_STATE_COUNTERS, ProgressMeter
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+class SignalTrapCallback(Callback):
+    """Install Bridge's own SIGTERM trap where Bridge builds it without installing it.
+
+    Bridge 0.5's `GlobalState._set_signal_handler` constructs `DistributedSignalHandler` but
+    never calls its `__enter__`, so no OS handler is installed: with
+    `train.exit_signal_handler=True` a Slurm SIGTERM still kills the ranks instead of making
+    the loop save a checkpoint and exit (Bridge 0.6 enters it when the config is set:
+    NVIDIA-NeMo/Megatron-Bridge#3823). Entering the same object makes Bridge's polled exit
+    branch (`signals_received()`) work. It is entered at `on_data_init_start`, before the data
+    loaders fork their workers, so that (as with Bridge 0.6) the workers inherit the trap
+    instead of dying on the SIGTERM and failing the step before the checkpoint.
+    `bridge.callbacks_for` adds this callback for Bridge < 0.6 only.
+    """
+
+    def __init__(self) -> None:
+        self.installed = False
+
+    def on_data_init_start(self, context: CallbackContext) -> None:
+        cfg = getattr(context.state, "cfg", None)
+        if not getattr(getattr(cfg, "train", None), "exit_signal_handler", False):
+            return
+        handler = context.state.signal_handler
+        # Entered handlers remember the previous disposition; Bridge 0.5's never has one.
+        if handler is not None and handler.original_handler is None and not handler.released:
+            handler.__enter__()
+            self.installed = True
 
 
 class StageChainCallback(Callback):

@@ -192,7 +192,8 @@ def bridge_sections(recipe: RecipeConfig, start: StartPoint) -> dict[str, dict[s
             micro_batch_size=r.train.micro_batch_size,
             global_batch_size=r.train.global_batch_size,
             train_iters=r.train.steps,
-            exit_signal_handler=True,  # save on SIGTERM (Slurm preemption / time limit)
+            # save on SIGTERM (Slurm preemption / time limit); Bridge 0.5 needs SignalTrapCallback for it
+            exit_signal_handler=True,
         ),
         "validation": dict(eval_iters=0, eval_interval=None),
         "scheduler": dict(
