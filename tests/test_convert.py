@@ -577,6 +577,19 @@ def test_cli_arch_from_for_a_checkpoint_without_recorded_config(tmp_path, capsys
     assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
 
 
+def test_cli_ids_from_keeps_the_checkpoints_architecture(tmp_path):
+    """--ids-from takes only bos/eos (an Instruct model's <|eot_id|>) from another HF folder."""
+    src = make_hf_model(tmp_path / "hf")
+    instruct = make_hf_model(tmp_path / "instruct", bos_token_id=7, eos_token_id=[2, 9], rope_theta=5e5)
+    hf_to_megatron(src, tmp_path / "mg", rope_theta=1.28e8, **quiet())
+    assert cli_main(["convert", "megatron-to-hf", str(tmp_path / "mg"), str(tmp_path / "out"), "--quiet",
+                     "--ids-from", str(instruct)]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert (config["rope_theta"], config["bos_token_id"], config["eos_token_id"]) == (1.28e8, 7, [2, 9])
+    assert generation["eos_token_id"] == [2, 9]
+
+
 def test_reader_refuses_records_that_disagree_with_the_metadata(tmp_path):
     """Assembling a tensor from several chunks never casts a record silently to the metadata dtype."""
     writer = dcp_io.DistCheckpointWriter(tmp_path / "ck")

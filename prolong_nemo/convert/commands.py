@@ -55,6 +55,10 @@ def _megatron_to_hf(args: argparse.Namespace) -> int:
         raise ConversionError("--rope-theta / --max-position-embeddings only refine --arch-from / --preset; "
                               "by default the checkpoint's recorded config is exported")
     arch, extras = _arch_override(args)
+    if args.ids_from:  # e.g. the Instruct model a run started from: it stops on <|eot_id|>
+        from prolong_nemo.convert import hf_config
+
+        extras = hf_config.arch_from_hf_config(hf_config.read_config(args.ids_from), str(args.ids_from))[1]
     result = megatron_to_hf(
         args.ckpt, args.out, arch=arch, extras=extras, tokenizer_dir=args.tokenizer,
         max_shard_bytes=args.max_shard_size, overwrite=args.overwrite, fsync=not args.no_fsync,
@@ -108,6 +112,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--arch-from", type=Path, help="HF folder whose config.json gives the architecture "
                    "(only for checkpoints without a recorded config)")
     p.add_argument("--preset", help="LlamaArch preset for checkpoints without a recorded config")
+    p.add_argument("--ids-from", type=Path, help="HF folder whose bos/eos token ids the export carries, keeping "
+                   "the checkpoint's architecture (training checkpoints do not record them; give the model the "
+                   "run started from, e.g. Llama-3-8B-Instruct, so generation stops on <|eot_id|>)")
     p.add_argument("--rope-theta", type=float)
     p.add_argument("--max-position-embeddings", type=int)
     _common(p)
