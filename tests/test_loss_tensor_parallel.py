@@ -93,21 +93,30 @@ def _sp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.save({"loss": loss.detach(), "grad_h": h_local.grad, "grad_w": w_local.grad}, f"{out}.{rank}")
 
 
-def test_sequence_parallel_mapping_of_the_chunked_processor(tmp_path):
+def _run_workers(worker, out: str, world: int = 2) -> list[dict]:
     from model_fixtures import _free_port
 
+    mp.spawn(worker, args=(world, _free_port(), out), nprocs=world, join=True)
+    return [torch.load(f"{out}.{r}") for r in range(world)]
+
+
+def _full_reference():
+    """The unsharded loss and gradients: the full LM head + cross-entropy on one process."""
     from prolong_nemo.model.cross_entropy import full_linear_cross_entropy
 
-    out = str(tmp_path / "sp")
-    mp.spawn(_sp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
     hidden, weight, labels = _sp_inputs()
     hidden.requires_grad_()
     weight.requires_grad_()
     ref = full_linear_cross_entropy(hidden.transpose(0, 1), weight, labels)  # [b, s]
     ref.sum().backward()
-    parts = [torch.load(f"{out}.{r}") for r in range(2)]
+    return ref.detach(), hidden, weight
+
+
+def test_sequence_parallel_mapping_of_the_chunked_processor(tmp_path):
+    parts = _run_workers(_sp_worker, str(tmp_path / "sp"))
+    ref, hidden, weight = _full_reference()
     for p in parts:
-        assert (p["loss"] - ref.detach()).abs().max().item() <= 1e-5
+        assert (p["loss"] - ref).abs().max().item() <= 1e-5
     assert (torch.cat([p["grad_h"] for p in parts]) - hidden.grad).abs().max().item() <= 1e-5
     assert (torch.cat([p["grad_w"] for p in parts]) - weight.grad).abs().max().item() <= 1e-5
 
@@ -133,20 +142,10 @@ def _no_group_attr_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_chunked_processor_falls_back_to_megatron_tp_group(tmp_path):
-    from model_fixtures import _free_port
-
-    from prolong_nemo.model.cross_entropy import full_linear_cross_entropy
-
-    out = str(tmp_path / "nogroup")
-    mp.spawn(_no_group_attr_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    hidden, weight, labels = _sp_inputs()
-    hidden.requires_grad_()
-    weight.requires_grad_()
-    ref = full_linear_cross_entropy(hidden.transpose(0, 1), weight, labels)  # [b, s]
-    ref.sum().backward()
-    parts = [torch.load(f"{out}.{r}") for r in range(2)]
+    parts = _run_workers(_no_group_attr_worker, str(tmp_path / "nogroup"))
+    ref, hidden, weight = _full_reference()
     for p in parts:
-        assert (p["loss"] - ref.detach()).abs().max().item() <= 1e-5
+        assert (p["loss"] - ref).abs().max().item() <= 1e-5
         # megatron's TP region mapping all-reduced the hidden gradient over the two shards
         assert (p["grad_h"] - hidden.grad).abs().max().item() <= 1e-5
     assert (torch.cat([p["grad_w"] for p in parts]) - weight.grad).abs().max().item() <= 1e-5
