@@ -105,7 +105,8 @@ def initial_checkpoint(cfg: DemoConfig, report: DemoReport) -> Path:
     arch = preset(cfg.preset)
     torch.manual_seed(cfg.seed)
     hf_dir = cfg.out / "hf_init"
-    model = LlamaForCausalLM(LlamaConfig(**hf_config_dict(arch, HfExtras())))
+    # Llama-3-8B-Instruct's ids: generation stops on <|eot_id|> (128009) as well as 128001
+    model = LlamaForCausalLM(LlamaConfig(**hf_config_dict(arch, HfExtras(eos_token_id=[128001, 128009]))))
     model.save_pretrained(hf_dir, safe_serialization=True)
     result = hf_to_megatron(hf_dir, cfg.out / "megatron_init", rope_theta=ROPE_THETA_64K,
                             max_position_embeddings=cfg.pack_length, overwrite=True, show_progress=False)

@@ -46,6 +46,8 @@ def test_demo_export_carries_the_trained_rope_theta(demo):
     theta = lambda c: c.get("rope_theta") or c["rope_parameters"]["rope_theta"]  # noqa: E731
     assert theta(init) == 500_000 and theta(final) == 128_000_000
     assert final["max_position_embeddings"] >= 512
+    # the Instruct-style stop ids of the start model survive two training stages into the export
+    assert init["eos_token_id"] == final["eos_token_id"] == [128001, 128009]
     names = set()
     for shard in (out / "hf_final").glob("*.safetensors"):
         with safe_open(str(shard), "pt") as f:

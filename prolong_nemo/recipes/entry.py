@@ -128,8 +128,9 @@ def cpu_dataset(recipe: RecipeConfig, synthetic: bool = False):
     return train
 
 
-def load_weights(root: str, model) -> int:
-    """Model weights only from a Megatron checkpoint root (`latest_checkpointed_iteration.txt`)."""
+def load_weights(root: str, model) -> Path:
+    """Model weights only from a Megatron checkpoint root (`latest_checkpointed_iteration.txt`);
+    returns the iteration folder read."""
     from megatron.core import dist_checkpointing
 
     from prolong_nemo.training.cpu_runner import latest_step, load_model_state
@@ -138,7 +139,7 @@ def load_weights(root: str, model) -> int:
     path = Path(root) / f"iter_{step:07d}" if step is not None else Path(root)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
     load_model_state(model, loaded["model"], path)
-    return step or 0
+    return path
 
 
 def apply_start(start: StartPoint, state, recipe: RecipeConfig, log: Callable[[str], None]) -> None:
@@ -156,7 +157,9 @@ def apply_start(start: StartPoint, state, recipe: RecipeConfig, log: Callable[[s
             "step, consumed samples and LR schedule restarted at 0")
         return
     elif start.kind == "weights":
-        load_weights(start.pretrained, state.model)
+        from prolong_nemo.training.cpu_runner import recorded_hf_extras
+
+        state.hf_extras = recorded_hf_extras(load_weights(start.pretrained, state.model))
     log(f"[prolong] {start.describe()}" + (f" at step {state.step}" if start.kind == "resume" else ""))
 
 

@@ -80,6 +80,7 @@ class TrainState:
     step: int = 0
     consumed_samples: int = 0
     arch: LlamaArch | None = None  # recorded in every checkpoint, so exports carry its rope_theta
+    hf_extras: object | None = None  # bos/eos ids of the model the run started from, recorded too
     history: list[StepRecord] = field(default_factory=list)
 
 
@@ -190,11 +191,21 @@ def save_checkpoint(root: str | Path, state: TrainState) -> Path:
     if dist.get_rank() == 0 and state.arch is not None:
         from prolong_nemo.convert import write_run_config
 
-        write_run_config(target, state.arch, source="prolong_nemo cpu runner")
+        write_run_config(target, state.arch, state.hf_extras, source="prolong_nemo cpu runner")
     dist.barrier()
     if dist.get_rank() == 0:
         (root / LATEST_FILE).write_text(f"{state.step}\n")
     return target
+
+
+def recorded_hf_extras(iter_dir: Path):
+    """The bos/eos ids a checkpoint recorded (e.g. a converted Instruct model's), else None."""
+    from prolong_nemo.convert import ConversionError, read_recorded_config
+
+    try:
+        return read_recorded_config(iter_dir)[1]
+    except ConversionError:
+        return None
 
 
 def load_model_state(model: torch.nn.Module, state_dict: dict, where: Path) -> None:
@@ -216,6 +227,7 @@ def load_checkpoint(root: str | Path, state: TrainState) -> bool:
         return False
     loaded = dist_checkpointing.load({"model": state.model.sharded_state_dict()}, str(_iter_dir(Path(root), step)))
     load_model_state(state.model, loaded["model"], _iter_dir(Path(root), step))
+    state.hf_extras = recorded_hf_extras(_iter_dir(Path(root), step))
     state.optimizer.load_state_dict(loaded["optimizer"])
     state.scheduler.load_state_dict(loaded["scheduler"])
     state.step = int(loaded["train_state"]["step"])
