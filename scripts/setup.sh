@@ -32,4 +32,7 @@ extra bridge megatron-bridge==0.6.2
 extra bridge05 megatron-bridge==0.5.0
 extra nemo-run -r recipes/requirements-launch.txt
 extra transformers5 transformers==5.12.1 huggingface-hub==1.5.0 typer click shellingham annotated-doc
+# - megatron-core 0.17 / 0.18: what NGC NeMo 26.04 / 26.06 ship; the core tests run again on each.
+extra mcore017 megatron-core==0.17.1
+extra mcore018 megatron-core==0.18.2
 echo "prolong-nemo installed in .venv"
