@@ -24,7 +24,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -34,18 +34,8 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prolong_nemo.model.cross_entropy import chunked_linear_cross_entropy, full_linear_cross_entropy  # noqa: E402
+from prolong_nemo.model.config import ROPE_THETA_64K, LlamaArch, preset  # noqa: E402
 from prolong_nemo.model.packed_attention import packed_causal_attention  # noqa: E402
-
-
-@dataclass(frozen=True)
-class Width:
-    hidden: int = 4096
-    ffn: int = 14336
-    heads: int = 32
-    kv_heads: int = 8
-    vocab: int = 128256
-    rope_theta: float = 8e6
-    eps: float = 1e-5
 
 
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,38 +52,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Layer(nn.Module):
-    def __init__(self, w: Width):
+    def __init__(self, w: LlamaArch):
         super().__init__()
-        self.w, self.d = w, w.hidden // w.heads
-        self.attn_norm = nn.RMSNorm(w.hidden, eps=w.eps)
-        self.qkv = nn.Linear(w.hidden, (w.heads + 2 * w.kv_heads) * self.d, bias=False)
-        self.o = nn.Linear(w.heads * self.d, w.hidden, bias=False)
-        self.mlp_norm = nn.RMSNorm(w.hidden, eps=w.eps)
-        self.gate_up = nn.Linear(w.hidden, 2 * w.ffn, bias=False)
-        self.down = nn.Linear(w.ffn, w.hidden, bias=False)
+        self.w, self.d = w, w.hidden_size // w.num_attention_heads
+        self.attn_norm = nn.RMSNorm(w.hidden_size, eps=w.norm_eps)
+        self.qkv = nn.Linear(w.hidden_size, (w.num_attention_heads + 2 * w.num_query_groups) * self.d, bias=False)
+        self.o = nn.Linear(w.num_attention_heads * self.d, w.hidden_size, bias=False)
+        self.mlp_norm = nn.RMSNorm(w.hidden_size, eps=w.norm_eps)
+        self.gate_up = nn.Linear(w.hidden_size, 2 * w.ffn_hidden_size, bias=False)
+        self.down = nn.Linear(w.ffn_hidden_size, w.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, bounds: list[int]):
         t, w, d = x.size(0), self.w, self.d
-        q, k, v = self.qkv(self.attn_norm(x)).split([w.heads * d, w.kv_heads * d, w.kv_heads * d], dim=-1)
-        q = apply_rope(q.view(t, w.heads, d), cos, sin)
-        k = apply_rope(k.view(t, w.kv_heads, d), cos, sin)
-        attn = packed_causal_attention(q, k, v.view(t, w.kv_heads, d), bounds, 1.0 / math.sqrt(d))
+        q, k, v = self.qkv(self.attn_norm(x)).split([w.num_attention_heads * d, w.num_query_groups * d, w.num_query_groups * d], dim=-1)
+        q = apply_rope(q.view(t, w.num_attention_heads, d), cos, sin)
+        k = apply_rope(k.view(t, w.num_query_groups, d), cos, sin)
+        attn = packed_causal_attention(q, k, v.view(t, w.num_query_groups, d), bounds, 1.0 / math.sqrt(d))
         x = x + self.o(attn.reshape(t, -1))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
 
 class Decoder(nn.Module):
-    def __init__(self, w: Width, layers: int):
+    def __init__(self, w: LlamaArch, layers: int):
         super().__init__()
         self.w = w
-        self.embed = nn.Embedding(w.vocab, w.hidden)
+        self.embed = nn.Embedding(w.vocab_size, w.hidden_size)
         self.layers = nn.ModuleList(Layer(w) for _ in range(layers))
-        self.norm = nn.RMSNorm(w.hidden, eps=w.eps)
-        self.lm_head = nn.Linear(w.hidden, w.vocab, bias=False)  # untied, as Llama-3-8B
+        self.norm = nn.RMSNorm(w.hidden_size, eps=w.norm_eps)
+        self.lm_head = nn.Linear(w.hidden_size, w.vocab_size, bias=False)  # untied, as Llama-3-8B
 
     def hidden_states(self, tokens, position_ids, bounds):
-        cos, sin = rope_tables(position_ids, self.w.hidden // self.w.heads, self.w.rope_theta)
+        cos, sin = rope_tables(position_ids, self.w.head_dim, self.w.rope_theta)
         x = self.embed(tokens)
         for layer in self.layers:  # activation checkpointing per decoder layer
             x = checkpoint(layer, x, cos, sin, bounds, use_reentrant=False)
@@ -126,12 +116,12 @@ def step_loss(model: Decoder, ids, pos, bounds, loss: str, chunk: int) -> torch.
     return per_token.mean()
 
 
-def measure(args, w: Width, loss: str, device: str) -> dict:
+def measure(args, w: LlamaArch, loss: str, device: str) -> dict:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = Decoder(w, args.layers).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
-    ids, pos, bounds = packed_documents(args.tokens, w.vocab, args.seed, device)
+    ids, pos, bounds = packed_documents(args.tokens, w.vocab_size, args.seed, device)
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     times, value = [], float("nan")
@@ -175,7 +165,7 @@ def main() -> None:
     device = "cpu" if args.smoke else "cuda"
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (use --smoke for a toy CPU check)")
-    w = Width(hidden=64, ffn=128, heads=4, kv_heads=2, vocab=1000) if args.smoke else Width()
+    w = preset("llama3-tiny", rope_theta=ROPE_THETA_64K) if args.smoke else preset("llama3-8b", rope_theta=ROPE_THETA_64K)
     paths = ("chunked", "full") if args.loss == "both" else (args.loss,)
     results = []
     for loss in paths:
@@ -192,10 +182,10 @@ def main() -> None:
     for r in results:
         if r["status"] == "ok":
             mem = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "n/a"
-            print(f"| {record['device']} | {args.layers} layers, full width | {args.tokens} | {r['loss_path']} CE | "
+            print(f"| {record['device']} | {args.layers} layers, {"toy" if args.smoke else "full"} width | {args.tokens} | {r['loss_path']} CE | "
                   f"{r['tokens_per_second']:,.0f} tokens/s | {mem} |")
         else:
-            print(f"| {record['device']} | {args.layers} layers, full width | {args.tokens} | {r['loss_path']} CE | OOM | - |")
+            print(f"| {record['device']} | {args.layers} layers, {"toy" if args.smoke else "full"} width | {args.tokens} | {r['loss_path']} CE | OOM | - |")
 
 
 if __name__ == "__main__":
