@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv[1:])
     try:
         return int(args.func(args) or 0)
-    except UserError as e:  # bad input: the message names the file and sample; no traceback
+    except (UserError, FileNotFoundError, FileExistsError) as e:  # bad input or paths: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

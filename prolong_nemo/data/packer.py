@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -464,12 +463,8 @@ def options_from_args(args: argparse.Namespace) -> PackOptions:
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     start = time.perf_counter()
-    try:
-        stats = pack_mds(args.inputs, args.output, options, overwrite=args.overwrite,
-                         progress=not args.no_progress)
-    except (FileNotFoundError, FileExistsError) as err:  # UserError is reported by the CLI itself
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    stats = pack_mds(args.inputs, args.output, options, overwrite=args.overwrite,
+                     progress=not args.no_progress)
     seconds = time.perf_counter() - start
     print(stats.report())
     if not stats.samples_out:

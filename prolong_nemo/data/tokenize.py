@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -365,12 +364,8 @@ def run(args: argparse.Namespace) -> int:
     opts = TokenizeOptions(fmt=args.fmt, text_field=args.text_field, messages_field=args.messages_field,
                            domain=args.domain, workers=args.workers, batch_size=args.batch_size)
     start = time.perf_counter()
-    try:
-        stats = tokenize_files(args.inputs, args.output, opts, overwrite=args.overwrite,
-                               progress=not args.no_progress)
-    except (FileNotFoundError, FileExistsError) as err:  # InputError is reported by the CLI itself
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    stats = tokenize_files(args.inputs, args.output, opts, overwrite=args.overwrite,
+                           progress=not args.no_progress)
     seconds = time.perf_counter() - start
     print(stats.report())
     print(f"{stats.tokens_out} tokens in {seconds:.1f}s ({stats.tokens_out / max(seconds, 1e-9) / 1e6:.2f}M "
