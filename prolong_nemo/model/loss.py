@@ -3,8 +3,9 @@
 Both loss paths return the same thing, a per-token fp32 loss [b, s] (local tokens under
 CP), so one loss function serves both:
 - "chunked": `ChunkedLossProcessor`, passed as `GPTModel.forward(output_processor=...)`
-  (megatron-core >= 0.19): LM head + cross-entropy in token chunks, logits never whole.
-  Older megatron-core (NGC 26.06 ships 0.18): `chunked_loss_without_hook`, same math.
+  (megatron-core >= 0.18, e.g. NGC 26.06): LM head + cross-entropy in token chunks, logits
+  never whole. megatron-core 0.17 (NGC 26.04) has no such hook: `chunked_loss_without_hook`,
+  same math.
 - "fused": megatron's own output layer + `compute_language_model_loss` (native fused CE
   where `cross_entropy_loss_fusion` is on).
 
@@ -62,7 +63,7 @@ def unwrap_model(model):
 
 
 def chunked_loss_without_hook(model, tokens, position_ids, labels, packed_seq_params, chunk_tokens: int) -> Tensor:
-    """Chunked per-token loss for megatron-core versions without `output_processor` (< 0.19).
+    """Chunked per-token loss for megatron-core versions without `output_processor` (0.17).
 
     GPTModel returns the decoder's (final-normed) hidden states when `post_process` is off,
     so the flag is lowered for this one call and the LM head + CE run chunked here.
