@@ -601,20 +601,27 @@ def test_dataset_provider_through_the_real_bridge_contract(bridge_data, tmp_path
 def test_callbacks_for_a_chained_stage(bridge, bridge_data):
     """bridge.py's wiring: the chain callback gets this stage's schedule in Bridge's units."""
     from prolong_nemo.recipes.bridge import bridge_version, callbacks_for
-    from prolong_nemo.recipes.bridge_callbacks import ProgressLogCallback, SignalTrapCallback, StageChainCallback
+    from prolong_nemo.recipes.bridge_callbacks import (
+        ModelRecordCallback,
+        ProgressLogCallback,
+        SignalTrapCallback,
+        StageChainCallback,
+    )
 
     assert bridge_version() == tuple(map(int, bridge.version.split(".")))
     # Bridge 0.5 builds the SIGTERM trap of exit_signal_handler without installing it: we do
     trap = [] if bridge.installs_signal_trap else [SignalTrapCallback]
     recipe = load_recipe("stage_512k")
     callbacks = callbacks_for(recipe, StartPoint("chain", load="/runs/64k"), log=lambda _: None)
-    assert [type(c) for c in callbacks] == trap + [StageChainCallback, ProgressLogCallback]
+    assert [type(c) for c in callbacks] == trap + [ModelRecordCallback, StageChainCallback, ProgressLogCallback]
     chain = callbacks[-2]
     assert chain.init_from == "/runs/64k"
     assert chain.schedule == dict(max_lr=5e-6, min_lr=pytest.approx(5e-7), warmup_steps=250 * 16,
                                   decay_steps=2500 * 16)  # samples: iterations x global batch 16
     resume = callbacks_for(recipe, StartPoint("resume", load="/runs/512k"), log=lambda _: None)
-    assert [type(c) for c in resume] == trap + [ProgressLogCallback]
+    assert [type(c) for c in resume] == trap + [ModelRecordCallback, ProgressLogCallback]
+    record = resume[-2]  # /runs/512k does not exist here: no ids known, the architecture is the recipe's
+    assert record.hf_extras is None and record.arch == recipe.arch.replace(max_position_embeddings=524288)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,3 +742,266 @@ def test_stock_get_batch_reads_our_packed_keys(bridge, bridge_callbacks, tmp_pat
     assert int(params.max_seqlen_q) == int(params.max_seqlen_kv) == ours.max_seqlen_q
     assert torch.equal(cp_boundaries, ours.cu_seqlens_q_padded)
     assert int(cp_boundaries[-1]) == batch["tokens"].shape[1] and bool(torch.all(torch.diff(cp_boundaries) % 8 == 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model record of every checkpoint Bridge saves (architecture + bos/eos ids for the export)
+# ---------------------------------------------------------------------------------------------
+class AsyncRequest:
+    """What `dist_checkpointing.save(async_sharded_save=True)` returns: Bridge appends its finalize
+    steps (train state, tracker, run_config.yaml, barrier, on_checkpoint_save) to run them once the
+    background write is done, which is iterations later."""
+
+    def __init__(self) -> None:
+        self.finalize_fns: list = []
+
+    def add_finalize_fn(self, fn) -> None:
+        self.finalize_fns.append(fn)
+
+    def finalize(self) -> None:
+        for fn in self.finalize_fns:
+            fn()
+
+
+def bridge_save_checkpoint(bridge, bridge_callbacks, write_weights, bridge_run_config: dict):
+    """Bridge's own `save_checkpoint`, executed from the release's training/checkpointing.py.
+
+    Real: the whole function body (which files it writes in which order, its barriers, sync and
+    async finalization and where it fires `on_checkpoint_save`), the path helpers of
+    training/utils/checkpoint_utils.py, `TrainState` (training/state.py) and the callback module.
+    Stubbed (the module needs TE / modelopt): what needs a model or process groups (state dict,
+    RNG, save strategies, W&B) and `dist_checkpointing.save`, replaced by `write_weights(folder)`;
+    `cfg.to_yaml` writes `bridge_run_config`. One process, rank 0. Returns (save, TrainState,
+    scheduled async requests).
+    """
+    import logging
+    import shutil
+    import time
+
+    from megatron.core.msc_utils import MultiStorageClientFeature
+
+    utils_names = {"get_checkpoint_name", "get_checkpoint_train_state_filename", "get_checkpoint_run_config_filename",
+                   "get_checkpoint_tracker_filename", "ensure_directory_exists", "join_paths", "TRACKER_PREFIX",
+                   "TRAIN_STATE_FILE", "CONFIG_FILE"}
+    utils = exec_from_source(bridge.source("training/utils/checkpoint_utils.py"), "bridge_ckpt_utils_under_test",
+                             utils_names, dict(os=os, Path=Path, MultiStorageClientFeature=MultiStorageClientFeature),
+                             lazy_annotations=True)
+    state_module = exec_from_source(bridge.source("training/state.py"), "bridge_state_under_test", {"TrainState"},
+                                    {"torch": torch}, imports_from=("dataclasses", "typing",
+                                                                    "torch.distributed.checkpoint.stateful"))
+    noop = lambda *a, **k: None  # noqa: E731
+    group = SimpleNamespace(rank=lambda: 0, size=lambda: 1)
+    groups = SimpleNamespace(tp=group, pp=group, dp=group, dp_cp=group)
+    reporter = SimpleNamespace(on_save_checkpoint_success=noop)  # W&B / MLflow / Comet
+    scheduled: list[AsyncRequest] = []
+
+    def dist_checkpointing_save(sharded_state_dict, checkpoint_dir, sharded_strategy=None, async_sharded_save=False,
+                                validate_access_integrity=True, async_strategy="nvrx",
+                                preprocess_common_before_consistancy_check=None, content_metadata=None):
+        write_weights(Path(checkpoint_dir))  # the sync save has written its files when this returns
+        return AsyncRequest() if async_sharded_save else None
+
+    namespace = dict(
+        torch=torch, os=os, shutil=shutil, time=time.time, inspect=inspect,  # `from time import time`
+        logger=logging.getLogger("bridge_save_checkpoint_under_test"),
+        CallbackContext=bridge_callbacks.CallbackContext, should_fire=bridge_callbacks.should_fire,
+        MultiStorageClientFeature=MultiStorageClientFeature,
+        **{n: getattr(utils, n) for n in utils_names},
+        fault_tolerance=SimpleNamespace(on_checkpointing_start=noop, on_checkpointing_end=noop),
+        unwrap_model=lambda m: m, get_pg_collection=lambda m: groups,
+        get_rng_state=noop, get_rerun_state_machine=lambda: SimpleNamespace(state_dict=noop),
+        maybe_save_dataloader_state=noop, is_empty_async_queue=lambda state: True,
+        LayerWiseDistributedOptimizer=type("LayerWiseDistributedOptimizer", (), {}),
+        _build_sharded_state_dict_metadata=lambda *a: {"distrib_optim_sharding_type": "dp_reshardable"},
+        generate_state_dict=lambda *a, **k: {},
+        _get_model_glu_interleave_sizes=lambda *a: (None, None),
+        TorchDistSaveShardedStrategy=noop, FullyParallelSaveStrategyWrapper=noop,
+        get_default_save_sharded_strategy=noop,
+        dist_checkpointing=SimpleNamespace(save=dist_checkpointing_save), _clean_metadata_for_serialization=lambda m: m,
+        print_rank_0=noop, get_rank_safe=lambda: 0, is_last_rank=lambda: True,
+        wandb_utils=reporter, mlflow_utils=reporter, comet_utils=reporter,
+        schedule_async_save=lambda state, request: scheduled.append(request),
+        cleanup_old_non_persistent_checkpoint=noop, append_to_progress_log=noop,
+    )
+    module = exec_from_source(bridge.source("training/checkpointing.py"), "bridge_checkpointing_under_test",
+                              {"save_checkpoint", "CheckpointType", "_NON_PERSISTENT_CKPT_SUBDIR"}, namespace,
+                              imports_from=("enum",), lazy_annotations=True)
+
+    def save(save_dir: Path, step: int, callbacks: list, async_save: bool = False, train_state=None):
+        import yaml
+
+        manager = bridge_callbacks.CallbackManager()
+        for callback in callbacks:
+            manager.add(callback)
+        checkpoint = SimpleNamespace(save=str(save_dir), async_save=async_save, ckpt_format="torch_dist",
+                                     most_recent_k=-1, also_save_hf_checkpoint=False, storage_writers_per_rank=1,
+                                     ckpt_assume_constant_structure=False, fully_parallel_save=True,
+                                     async_strategy="nvrx", save_tokenizer_assets=False,
+                                     non_persistent_ckpt_type=None)
+        cfg = SimpleNamespace(checkpoint=checkpoint, optimizer=SimpleNamespace(use_distributed_optimizer=True),
+                              rng=SimpleNamespace(data_parallel_random_init=False), peft=None, dataset=None, dist=None,
+                              ddp=None, model=SimpleNamespace(), logger=SimpleNamespace(log_progress=False,
+                                                                                       mlflow_log_artifacts=False),
+                              to_yaml=lambda path: Path(path).write_text(yaml.safe_dump(bridge_run_config)))
+        train_state = train_state or state_module.TrainState(step=step)
+        state = SimpleNamespace(train_state=train_state, cfg=cfg, wandb_logger=None, mlflow_logger=None,
+                                comet_logger=None)
+        module.save_checkpoint(state, [], None, None, 0, callback_manager=manager)
+        return state
+
+    return save, state_module.TrainState, scheduled
+
+
+def instruct_like_checkpoint(tmp_path: Path, arch, eos) -> Path:
+    """A tiny HF model with Llama-3-Instruct ids, converted as the run's init_from checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prolong_nemo.convert import hf_to_megatron
+    from prolong_nemo.convert.hf_config import HfExtras, hf_config_dict
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**hf_config_dict(arch, HfExtras(128000, eos)))).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf_instruct", safe_serialization=True)
+    hf_to_megatron(tmp_path / "hf_instruct", tmp_path / "init", show_progress=False)
+    return tmp_path / "init"
+
+
+def copy_weights_from(iter_dir: Path):
+    """The torch_dist files of `iter_dir` (a converted checkpoint of the same shape) as a save's weights."""
+    import shutil
+
+    def write(target: Path) -> None:
+        for f in iter_dir.iterdir():
+            if f.is_file() and (f.name.startswith((".metadata", "__")) or f.name in ("metadata.json", "common.pt")):
+                shutil.copy(f, target / f.name)
+    return write
+
+
+def test_on_checkpoint_save_fires_after_bridge_wrote_the_checkpoint(bridge, bridge_callbacks, tmp_path):
+    """What the record callback relies on, observed in the release's own save_checkpoint: the event
+    fires (on every rank; here rank 0) after the weights, train_state.pt, the tracker and Bridge's
+    run_config.yaml exist, with no path or iteration in the context (the tracker names the folder);
+    under async save it fires at finalization, after train_state.step moved on."""
+    import yaml
+
+    seen = []
+
+    class Probe(bridge_callbacks.Callback):
+        def on_checkpoint_save(self, context):
+            root = Path(context.state.cfg.checkpoint.save)
+            tracker = (root / "latest_checkpointed_iteration.txt").read_text()
+            folder = root / f"iter_{int(tracker):07d}"
+            seen.append(dict(step=context.state.train_state.step, tracker=int(tracker),
+                             files=sorted(p.name for p in folder.iterdir()),
+                             run_config=yaml.safe_load((folder / "run_config.yaml").read_text()),
+                             fields=sorted(f.name for f in dataclasses.fields(context)
+                                           if getattr(context, f.name) is not None)))
+
+    weights = tmp_path / "w"
+    weights.mkdir()
+    (weights / ".metadata").write_bytes(b"m")
+    bridge_cfg = {"model": {"num_layers": 2}, "checkpoint": {"save_optim": True}}
+    save, TrainState, scheduled = bridge_save_checkpoint(bridge, bridge_callbacks, copy_weights_from(weights),
+                                                         bridge_cfg)
+    save(tmp_path / "ck", 4, [Probe()])
+    assert seen == [dict(step=4, tracker=4, files=[".metadata", "run_config.yaml", "train_state.pt"],
+                         run_config=bridge_cfg, fields=["model", "state", "user_state"])]  # no optimizer passed here
+    assert (tmp_path / "ck" / "latest_train_state.pt").is_file()
+    # async: nothing is finalized (no tracker, no event) until the request is, iterations later
+    train_state = TrainState(step=6)
+    save(tmp_path / "ck", 6, [Probe()], async_save=True, train_state=train_state)
+    assert len(seen) == 1 and (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text() == "4"
+    train_state.step = 8
+    scheduled[-1].finalize()
+    assert seen[-1]["step"] == 8 and seen[-1]["tracker"] == 6  # the context's step is the current one
+
+
+def test_every_bridge_save_records_the_model_and_the_start_checkpoints_ids(bridge, bridge_callbacks, tmp_path):
+    """Chain case: the 512K stage starts from a checkpoint recording Llama-3-Instruct's
+    <|eot_id|> (128009); every checkpoint Bridge saves records it with this stage's architecture
+    (its rope_theta and context), Bridge's run_config.yaml stays byte for byte Bridge's, and the
+    HF export of the new stage's checkpoint stops on <|eot_id|>, not on base Llama-3's 128001."""
+    import json
+
+    import yaml
+
+    from prolong_nemo.convert import megatron_to_hf
+    from prolong_nemo.convert.hf_config import HfExtras
+    from prolong_nemo.convert.megatron_io import read_recorded_config, resolve_iter_dir, run_config_dict
+    from prolong_nemo.recipes.bridge_callbacks import ModelRecordCallback
+
+    init = instruct_like_checkpoint(tmp_path, preset("llama3-tiny", rope_theta=8e6), eos=128009)
+    recipe = load_recipe("stage_512k_cpu", [f"checkpoint.dir={tmp_path / 'run'}", f"checkpoint.init_from={init}"])
+    start = resolve_start(recipe)
+    assert start.kind == "chain"
+    callback = ModelRecordCallback.for_start(recipe, start, log=lambda _: None)
+    want = recipe.arch.replace(max_position_embeddings=4096)
+    # Bridge's run_config.yaml: its `model:` (GPTModelProvider fields) and `checkpoint:` sections
+    bridge_cfg = {k: v for k, v in run_config_dict(want, HfExtras()).items() if k != "prolong"}
+    save, TrainState, scheduled = bridge_save_checkpoint(bridge, bridge_callbacks,
+                                                         copy_weights_from(resolve_iter_dir(init)), bridge_cfg)
+    for step in (2, 4):
+        save(tmp_path / "run", step, [callback])
+        folder = tmp_path / "run" / f"iter_{step:07d}"
+        arch, extras = read_recorded_config(folder)
+        assert arch == want and arch.rope_theta == 1.28e8
+        assert (extras.bos_token_id, extras.eos_token_id) == (128000, 128009)
+        assert yaml.safe_load((folder / "run_config.yaml").read_text()) == bridge_cfg  # Bridge's, untouched
+        assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # written through a rename
+    assert callback.recorded == [tmp_path / "run" / "iter_0000002", tmp_path / "run" / "iter_0000004"]
+    megatron_to_hf(tmp_path / "run", tmp_path / "hf", show_progress=False)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["rope_theta"]) == (128000, 128009, 1.28e8)
+    assert config["max_position_embeddings"] == 4096
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 128009
+    # async save: the record goes to the folder that was saved, not to the current step's
+    train_state = TrainState(step=6)
+    save(tmp_path / "run", 6, [callback], async_save=True, train_state=train_state)
+    train_state.step = 7
+    scheduled[-1].finalize()
+    assert read_recorded_config(tmp_path / "run" / "iter_0000006")[1].eos_token_id == 128009
+    assert not (tmp_path / "run" / "iter_0000007").exists()
+    # the resubmitted job resumes from its own checkpoint: the ids carry on from there
+    resumed = resolve_start(recipe)
+    assert resumed.kind == "resume"
+    assert ModelRecordCallback.for_start(recipe, resumed, log=lambda _: None).hf_extras.eos_token_id == 128009
+
+
+def test_record_callback_ids_for_each_start_kind(bridge, bridge_callbacks, tmp_path):
+    """fresh: the preset's (base Llama-3) ids; weights: the pretrained checkpoint's; a start
+    checkpoint that records none: the architecture only, so the export asks for --ids-from
+    instead of writing base ids."""
+    from prolong_nemo.convert import ConversionError, megatron_to_hf
+    from prolong_nemo.convert.megatron_io import read_recorded_config, resolve_iter_dir
+    from prolong_nemo.recipes.bridge_callbacks import ModelRecordCallback
+
+    fresh = load_recipe("stage_64k_cpu", [f"checkpoint.dir={tmp_path / 'fresh'}"])
+    assert resolve_start(fresh).kind == "fresh"
+    callback = ModelRecordCallback.for_start(fresh, resolve_start(fresh), log=lambda _: None)
+    assert callback.arch == fresh.arch.replace(max_position_embeddings=4096)  # the preset's is longer than 512
+    assert (callback.hf_extras.bos_token_id, callback.hf_extras.eos_token_id) == (128000, 128001)
+
+    init = instruct_like_checkpoint(tmp_path, preset("llama3-tiny", rope_theta=1.28e8), eos=[128001, 128009])
+    sft = load_recipe("sft_cpu", [f"checkpoint.dir={tmp_path / 'sft'}", f"checkpoint.init_from={init}"])
+    start = resolve_start(sft)
+    assert start.kind == "weights"
+    assert ModelRecordCallback.for_start(sft, start, log=lambda _: None).hf_extras.eos_token_id == [128001, 128009]
+
+    # a start checkpoint written by Bridge without our record: only `model:` in run_config.yaml
+    run_config = resolve_iter_dir(init) / "run_config.yaml"
+    run_config.write_text("model:\n  num_layers: 2\n")
+    logs = []
+    callback = ModelRecordCallback.for_start(sft, start, log=logs.append)
+    assert callback.hf_extras is None
+    assert len(logs) == 1 and "records no bos/eos token ids" in logs[0] and "--ids-from" in logs[0]
+    save, _, _ = bridge_save_checkpoint(bridge, bridge_callbacks, copy_weights_from(resolve_iter_dir(init)),
+                                        {"model": {"num_layers": 2}})
+    save(tmp_path / "sft", 2, [callback])
+    arch, extras = read_recorded_config(tmp_path / "sft" / "iter_0000002")
+    assert arch == sft.arch.replace(max_position_embeddings=4096) and extras is None
+    with pytest.raises(ConversionError, match=r"iter_0000002/prolong_record.yaml: .*--ids-from HF_DIR"):
+        megatron_to_hf(tmp_path / "sft", tmp_path / "hf", show_progress=False)
+    # a save folder it cannot find (no tracker) is reported, not a crash of the training loop
+    state = SimpleNamespace(cfg=SimpleNamespace(checkpoint=SimpleNamespace(save=str(tmp_path / "nowhere"))))
+    callback.on_checkpoint_save(bridge_callbacks.CallbackContext(state=state, model=[]))
+    assert "no saved checkpoint folder found" in logs[-1] and callback.recorded == [tmp_path / "sft" / "iter_0000002"]

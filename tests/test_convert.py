@@ -460,7 +460,9 @@ def test_bridge_run_config_and_release_tracker_are_read(tmp_path):
     assert resolve_iter_dir(root) == root / "release"
     arch, _ = read_recorded_config(root / "release")
     assert (arch.rope_theta, arch.max_position_embeddings, arch.rope_scaling) == (1.28e8, 131072, LLAMA31_SCALING)
-    megatron_to_hf(root, tmp_path / "out", **quiet())
+    # no bos/eos ids recorded: they are given (the API's --ids-from), see test_export_without_a_record_...
+    ids = arch_from_hf_config(json.loads((src / "config.json").read_text()))[1]
+    megatron_to_hf(root, tmp_path / "out", extras=ids, **quiet())
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["rope_theta"], config["max_position_embeddings"]) == (1.28e8, 131072)
     assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out"))
@@ -588,6 +590,77 @@ def test_cli_ids_from_keeps_the_checkpoints_architecture(tmp_path):
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert (config["rope_theta"], config["bos_token_id"], config["eos_token_id"]) == (1.28e8, 7, [2, 9])
     assert generation["eos_token_id"] == [2, 9]
+
+
+def bridge_only_run_config(iter_dir: Path) -> Path:
+    """Replace the record of a converted checkpoint by what Megatron-Bridge training writes: its
+    own `model:` / `checkpoint:` sections, no `prolong` record (no bos/eos ids)."""
+    import yaml
+
+    path = iter_dir / "run_config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({"model": cfg["model"], "checkpoint": cfg["checkpoint"]}))
+    return path
+
+
+def test_export_without_a_record_refuses_to_guess_the_ids(tmp_path, capsys):
+    """A checkpoint that records no bos/eos ids (Bridge's run_config.yaml has only `model:`) is not
+    exported with Llama-3 base ids: one line names the file and the flags; either flag proceeds."""
+    src = make_hf_model(tmp_path / "hf")
+    instruct = make_hf_model(tmp_path / "instruct", bos_token_id=7, eos_token_id=[2, 9])
+    hf_to_megatron(src, tmp_path / "mg", rope_theta=1.28e8, **quiet())
+    run_config = bridge_only_run_config(resolve_iter_dir(tmp_path / "mg"))
+    assert read_recorded_config(run_config.parent)[0].rope_theta == 1.28e8  # the arch is still known
+    for extra in ([], ["--preset", "llama3-tiny"]):  # a preset gives an architecture, never ids
+        assert cli_main(["convert", "megatron-to-hf", str(tmp_path / "mg"), str(tmp_path / "x"), "--quiet",
+                         *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {run_config}: ")
+        assert "--ids-from HF_DIR" in err and "--arch-from HF_DIR" in err and "Traceback" not in err
+        assert not (tmp_path / "x").exists()
+    with pytest.raises(ConversionError, match=re.escape(str(run_config))):
+        megatron_to_hf(tmp_path / "mg", tmp_path / "x", **quiet())
+    # --ids-from: the checkpoint's own architecture, the given model's ids
+    assert cli_main(["convert", "megatron-to-hf", str(tmp_path / "mg"), str(tmp_path / "ids"), "--quiet",
+                     "--ids-from", str(instruct)]) == 0
+    config = json.loads((tmp_path / "ids" / "config.json").read_text())
+    assert (config["rope_theta"], config["bos_token_id"], config["eos_token_id"]) == (1.28e8, 7, [2, 9])
+    assert json.loads((tmp_path / "ids" / "generation_config.json").read_text())["eos_token_id"] == [2, 9]
+    assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "ids"))
+    # --arch-from: architecture and ids of the given folder
+    assert cli_main(["convert", "megatron-to-hf", str(tmp_path / "mg"), str(tmp_path / "arch"), "--quiet",
+                     "--arch-from", str(instruct)]) == 0
+    config = json.loads((tmp_path / "arch" / "config.json").read_text())
+    assert (config["rope_theta"], config["bos_token_id"], config["eos_token_id"]) == (500000.0, 7, [2, 9])
+
+
+def test_recorded_ids_are_exported_with_a_given_architecture(tmp_path):
+    """--preset / arch= replaces only the architecture: the ids still come from the record."""
+    from prolong_nemo.convert.hf_config import HfExtras
+    from prolong_nemo.convert.megatron_io import write_prolong_record
+
+    src = make_hf_model(tmp_path / "hf", bos_token_id=128000, eos_token_id=128009)
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    iter_dir = resolve_iter_dir(tmp_path / "mg")
+    arch, extras = read_recorded_config(iter_dir)
+    assert (extras.bos_token_id, extras.eos_token_id) == (128000, 128009)
+    megatron_to_hf(tmp_path / "mg", tmp_path / "out", arch=arch.replace(rope_theta=8e6), **quiet())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["rope_theta"], config["eos_token_id"]) == (8e6, 128009)
+    # A Bridge-trained checkpoint: Bridge's run_config.yaml plus our record file, which wins
+    bridge_only_run_config(iter_dir)
+    write_prolong_record(iter_dir, arch.replace(rope_theta=1.28e8), HfExtras(128000, [128001, 128009]))
+    arch2, extras2 = read_recorded_config(iter_dir)
+    assert arch2 == arch.replace(rope_theta=1.28e8) and extras2.eos_token_id == [128001, 128009]
+    megatron_to_hf(tmp_path / "mg", tmp_path / "out2", **quiet())
+    config = json.loads((tmp_path / "out2" / "config.json").read_text())
+    assert (config["rope_theta"], config["eos_token_id"]) == (1.28e8, [128001, 128009])
+    assert_bit_exact(all_tensors(src), all_tensors(tmp_path / "out2"))
+    # a record without ids (a Bridge run started from a checkpoint that had none) still refuses
+    write_prolong_record(iter_dir, arch, None)
+    assert read_recorded_config(iter_dir)[1] is None
+    with pytest.raises(ConversionError, match=r"prolong_record.yaml: .*--ids-from HF_DIR"):
+        megatron_to_hf(tmp_path / "mg", tmp_path / "out3", **quiet())
 
 
 def test_reader_refuses_records_that_disagree_with_the_metadata(tmp_path):

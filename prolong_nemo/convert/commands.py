@@ -113,8 +113,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    "(only for checkpoints without a recorded config)")
     p.add_argument("--preset", help="LlamaArch preset for checkpoints without a recorded config")
     p.add_argument("--ids-from", type=Path, help="HF folder whose bos/eos token ids the export carries, keeping "
-                   "the checkpoint's architecture (training checkpoints do not record them; give the model the "
-                   "run started from, e.g. Llama-3-8B-Instruct, so generation stops on <|eot_id|>)")
+                   "the checkpoint's architecture (needed when the checkpoint records no ids, e.g. one "
+                   "Megatron-Bridge saved without prolong_nemo's record; give the model the run started "
+                   "from, e.g. Llama-3-8B-Instruct, so generation stops on <|eot_id|>)")
     p.add_argument("--rope-theta", type=float)
     p.add_argument("--max-position-embeddings", type=int)
     _common(p)

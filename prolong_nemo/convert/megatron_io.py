@@ -5,18 +5,24 @@
     <root>/iter_0000000/                       torch_dist folder (dcp_io)
     <root>/iter_0000000/train_state.pt         the same TrainState
     <root>/iter_0000000/run_config.yaml        Bridge's run config: `model:` + `checkpoint:`
-                                               sections, plus our `prolong:` section
+                                               sections, plus our `prolong:` section (converter,
+                                               CPU runner)
+    <root>/iter_0000000/prolong_record.yaml    our `prolong:` record of a checkpoint Megatron-Bridge
+                                               training saved (bridge_callbacks.ModelRecordCallback)
     <root>/iter_0000000/tokenizer/             tokenizer files, when known
 
 Bridge reads `model.tensor_model_parallel_size` / `pipeline_model_parallel_size` and
 `checkpoint.save_optim` / `save_rng` / `fully_parallel_save` when loading a
 `pretrained_checkpoint`; `prolong.arch` is the exact LlamaArch (rope_theta and
-max_position_embeddings of THIS checkpoint) that the HF export writes back out.
+max_position_embeddings of THIS checkpoint) that the HF export writes back out, `prolong.hf` the
+bos/eos ids of the model training started from. A checkpoint without `prolong.hf` records no ids:
+the export refuses it unless it is told where they come from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,7 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 TRAIN_STATE_FILE = "train_state.pt"
 LATEST_TRAIN_STATE_FILE = "latest_train_state.pt"
 RUN_CONFIG_FILE = "run_config.yaml"
+PROLONG_RECORD_FILE = "prolong_record.yaml"
 TOKENIZER_DIR = "tokenizer"
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
@@ -53,10 +60,7 @@ def resolve_iter_dir(path: Path) -> Path:
         return path
     tracker = path / TRACKER_FILE
     if tracker.is_file():
-        text = tracker.read_text().strip()
-        name = "release" if text == "release" else iter_dir_name(int(text)) if text.isdigit() else None
-        if name is None:
-            raise ConversionError(f"{tracker}: unexpected content {text!r}")
+        name = tracked_iter_dir(path).name
         if not (path / name / ".metadata").is_file():
             raise ConversionError(f"{tracker} points to {name}, which is not a complete torch_dist folder")
         return path / name
@@ -64,6 +68,16 @@ def resolve_iter_dir(path: Path) -> Path:
     if iters:
         return iters[-1]
     raise ConversionError(f"{path}: neither a Megatron checkpoint root ({TRACKER_FILE}) nor a torch_dist folder")
+
+
+def tracked_iter_dir(root: Path) -> Path:
+    """The iteration folder `latest_checkpointed_iteration.txt` of a checkpoint root names."""
+    tracker = Path(root) / TRACKER_FILE
+    text = tracker.read_text().strip()
+    name = "release" if text == "release" else iter_dir_name(int(text)) if text.isdigit() else None
+    if name is None:
+        raise ConversionError(f"{tracker}: unexpected content {text!r}")
+    return Path(root) / name
 
 
 # ---------------------------------------------------------------- run_config.yaml
@@ -111,12 +125,17 @@ def run_config_dict(arch: LlamaArch, extras: HfExtras, source: str = "") -> dict
             "save_rng": False,
             "fully_parallel_save": True,
         },
-        "prolong": {
-            "arch": dataclasses.asdict(arch),
-            "hf": extras.to_dict(),
-            "source": source,
-        },
+        "prolong": prolong_record(arch, extras, source),
     }
+
+
+def prolong_record(arch: LlamaArch, extras: HfExtras | None, source: str = "") -> dict[str, Any]:
+    """Our `prolong:` record; without `hf` when the bos/eos ids are not known."""
+    record: dict[str, Any] = {"arch": dataclasses.asdict(arch)}
+    if extras is not None:
+        record["hf"] = extras.to_dict()
+    record["source"] = source
+    return record
 
 
 def write_run_config(iter_dir: Path, arch: LlamaArch, extras: HfExtras | None = None, source: str = "") -> Path:
@@ -124,6 +143,25 @@ def write_run_config(iter_dir: Path, arch: LlamaArch, extras: HfExtras | None = 
     path = Path(iter_dir) / RUN_CONFIG_FILE
     with open(path, "w") as f:
         yaml.safe_dump(run_config_dict(arch, extras or HfExtras(), source), f, sort_keys=False)
+    return path
+
+
+def write_prolong_record(iter_dir: Path, arch: LlamaArch, extras: HfExtras | None, source: str = "") -> Path:
+    """Record the model in `prolong_record.yaml` of an iteration folder, atomically (temp + rename).
+
+    For checkpoints Megatron-Bridge saves, whose run_config.yaml is Bridge's own: `extras=None`
+    records the architecture only (the ids are unknown; the export then asks for them).
+    """
+    path = Path(iter_dir) / PROLONG_RECORD_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            yaml.safe_dump({"prolong": prolong_record(arch, extras, source)}, f, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -171,16 +209,49 @@ def _arch_from_bridge_model(model: dict[str, Any]) -> LlamaArch:
     )
 
 
-def read_recorded_config(iter_dir: Path) -> tuple[LlamaArch, HfExtras]:
-    """The architecture recorded with a checkpoint: our `prolong.arch`, else Bridge's `model:`."""
-    path = Path(iter_dir) / RUN_CONFIG_FILE
+def _load_yaml(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def _record_of(iter_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(file holding our record, else run_config.yaml; run_config.yaml's content; our record).
+
+    `prolong_record.yaml` (a Bridge-trained checkpoint) wins over run_config.yaml's `prolong:`
+    section (converter, CPU runner); neither file yields empty dicts.
+    """
+    iter_dir = Path(iter_dir)
+    run_config = iter_dir / RUN_CONFIG_FILE
+    cfg = _load_yaml(run_config) if run_config.is_file() else {}
+    record_file = iter_dir / PROLONG_RECORD_FILE
+    if record_file.is_file():
+        return record_file, cfg, _load_yaml(record_file).get("prolong") or {}
+    return run_config, cfg, cfg.get("prolong") or {}
+
+
+def read_recorded_ids(iter_dir: Path) -> HfExtras | None:
+    """The bos/eos ids recorded with a checkpoint (`prolong.hf`), None when it records none."""
+    hf = _record_of(iter_dir)[2].get("hf")
+    return HfExtras.from_dict(hf) if hf else None
+
+
+def missing_ids_message(iter_dir: Path) -> str:
+    """Why an export refuses a checkpoint without recorded ids (one line, naming the file)."""
+    return (f"{_record_of(iter_dir)[0]}: records no bos/eos token ids (no prolong record, e.g. a checkpoint "
+            "Megatron-Bridge saved without prolong_nemo's callback), so the export would write base Llama-3 "
+            "ids; pass --ids-from HF_DIR (the model the run started from, e.g. Llama-3-8B-Instruct) "
+            "or --arch-from HF_DIR")
+
+
+def read_recorded_config(iter_dir: Path) -> tuple[LlamaArch, HfExtras | None]:
+    """The model recorded with a checkpoint: architecture (our `prolong.arch`, else Bridge's
+    `model:`) and bos/eos ids (`prolong.hf`; None when not recorded: never guessed here)."""
+    path, cfg, prolong = _record_of(iter_dir)
     if not path.is_file():
         raise ConversionError(
-            f"{path}: no recorded model config; pass the architecture explicitly (--arch-from HF_DIR or --preset)"
+            f"{path}: no recorded model config; pass the architecture explicitly "
+            "(--arch-from HF_DIR, or --preset with --ids-from HF_DIR)"
         )
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    prolong = cfg.get("prolong") or {}
     try:
         if "arch" in prolong:
             fields = {f.name for f in dataclasses.fields(LlamaArch)}
@@ -192,7 +263,7 @@ def read_recorded_config(iter_dir: Path) -> tuple[LlamaArch, HfExtras]:
     except (KeyError, TypeError, ValueError) as e:
         raise ConversionError(f"{path}: cannot build the architecture ({e})") from None
     arch = arch.replace(rope_scaling=normalize_rope_scaling(arch.rope_scaling, str(path)))
-    return arch, HfExtras.from_dict(prolong.get("hf"))
+    return arch, HfExtras.from_dict(prolong["hf"]) if prolong.get("hf") else None
 
 
 def train_state(iteration: int) -> dict[str, torch.Tensor]:

@@ -326,17 +326,20 @@ def megatron_to_hf(
     """A Megatron torch_dist checkpoint (root or iter folder) -> HF safetensors + config.json.
 
     The config is the checkpoint's own (its recorded rope_theta / max_position_embeddings), unless
-    `arch` is given; bos/eos ids are `extras`, else those recorded with the checkpoint (Llama-3
-    base ids when none are). Optimizer and RNG entries are never read. Tokenizer files come from
-    `tokenizer_dir`, else from the checkpoint's `tokenizer/` folder when present.
+    `arch` is given; bos/eos ids are `extras`, else those recorded with the checkpoint. A checkpoint
+    that records none is refused (ConversionError) rather than exported with base Llama-3 ids.
+    Optimizer and RNG entries are never read. Tokenizer files come from `tokenizer_dir`, else
+    from the checkpoint's `tokenizer/` folder when present.
     """
     t0 = time.perf_counter()
     iter_dir = megatron_io.resolve_iter_dir(Path(ckpt))
     if arch is None:
         recorded, own = megatron_io.read_recorded_config(iter_dir)
-        extras = extras or own
     else:
-        recorded, extras = arch, extras or hf_config.HfExtras()
+        recorded, own = arch, None if extras is not None else megatron_io.read_recorded_ids(iter_dir)
+    extras = extras or own
+    if extras is None:
+        raise ConversionError(megatron_io.missing_ids_message(iter_dir))
     reader = dcp_io.DistCheckpointReader(iter_dir)
     try:
         _check_tie(recorded, reader)

@@ -125,12 +125,19 @@ BRIDGE_INSTALLS_SIGNAL_TRAP = (0, 6)
 
 
 def callbacks_for(recipe: RecipeConfig, start: StartPoint, log=print) -> list:
-    from prolong_nemo.recipes.bridge_callbacks import ProgressLogCallback, SignalTrapCallback, StageChainCallback
+    from prolong_nemo.recipes.bridge_callbacks import (
+        ModelRecordCallback,
+        ProgressLogCallback,
+        SignalTrapCallback,
+        StageChainCallback,
+    )
     from prolong_nemo.recipes.plan import MIN_BRIDGE_CHAIN
 
     callbacks: list = []
     if bridge_version() < BRIDGE_INSTALLS_SIGNAL_TRAP:  # save on SIGTERM (bridge_sections sets exit_signal_handler)
         callbacks.append(SignalTrapCallback())
+    # architecture + bos/eos ids of the start model in every checkpoint, for the HF export
+    callbacks.append(ModelRecordCallback.for_start(recipe, start, log=log))
     if start.kind == "chain":
         if bridge_version() < MIN_BRIDGE_CHAIN:
             raise RuntimeError(

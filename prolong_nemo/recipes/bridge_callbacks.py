@@ -7,6 +7,8 @@
   event fires right after, before the data loaders are built from `consumed_train_samples`.
 - `ProgressLogCallback`: one line per log interval with progress, ETA, global tokens/s, model
   TFLOP/s per GPU, peak memory and the lm loss (the global per-token mean).
+- `ModelRecordCallback`: records the architecture and the bos/eos ids of the start model in
+  every checkpoint Bridge saves, so the HF export writes them (e.g. Instruct's <|eot_id|>).
 
 Only `megatron.bridge.training.callbacks` is imported, a module without heavy dependencies.
 """
@@ -14,11 +16,21 @@ Only `megatron.bridge.training.callbacks` is imported, a module without heavy de
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
+import yaml
 from megatron.bridge.training.callbacks import Callback, CallbackContext
 
-from prolong_nemo.recipes.bridge_spec import TRAIN_STATE_COUNTERS, ProgressMeter, restart_schedule
+from prolong_nemo.convert.hf_config import HfExtras
+from prolong_nemo.convert.mapping import ConversionError
+from prolong_nemo.convert.megatron_io import (
+    read_recorded_ids,
+    resolve_iter_dir,
+    tracked_iter_dir,
+    write_prolong_record,
+)
+from prolong_nemo.recipes.bridge_spec import TRAIN_STATE_COUNTERS, ProgressMeter, StartPoint, restart_schedule
 
 
 def _rank() -> int:
@@ -113,3 +125,74 @@ class ProgressLogCallback(Callback):
         line = self.meter.line(step, float(loss), seconds, memory, lr=float(lr) if lr is not None else None, now=now)
         if _rank() == (torch.distributed.get_world_size() - 1 if torch.distributed.is_initialized() else 0):
             self.log(f"[prolong] {line}")
+
+
+class ModelRecordCallback(Callback):
+    """Record the model in every checkpoint Bridge saves: `iter_XXXXXXX/prolong_record.yaml`.
+
+    What the HF export needs and Bridge's own run_config.yaml lacks: the exact LlamaArch (this
+    stage's rope_theta and context) and the bos/eos ids of the model the run started from.
+
+    When `on_checkpoint_save` fires, in Megatron-Bridge 0.5.0 and 0.6.2 alike (training/
+    checkpointing.py `save_checkpoint`; see tests/test_bridge_glue.py): on every rank, after the
+    torch_dist files are written and all ranks passed a barrier, after rank 0 wrote train_state.pt,
+    latest_train_state.pt, latest_checkpointed_iteration.txt and run_config.yaml (`cfg.to_yaml`) of
+    the saved folder, before the old-checkpoint cleanup and the closing barrier (so the record is
+    on disk before any rank leaves the save, e.g. to exit on SIGTERM). With `async_save` it is a
+    finalize step of the async request, run iterations later, in the same order after those
+    files. The context carries no path or iteration (state, model, optimizer, user_state), and
+    under async save `train_state.step` has moved on by then: the folder is the one the tracker
+    names, which rank 0 wrote just before in the same sequence. Only rank 0 writes (Bridge's
+    writer of run_config.yaml, so no shared-file-system lag matters).
+
+    A file of its own rather than a section merged into run_config.yaml: that file is Bridge's
+    (it writes it at every save of the folder, reads it back on load for TP/PP and optimizer-format
+    checks, sanitizes and migrates it): merging would rewrite content we do not own through a
+    YAML round trip, and a crash mid-rewrite could damage a file resume depends on. Our file is
+    written atomically (temp + rename) and Bridge never reads or rewrites it;
+    `megatron_io.read_recorded_config` prefers it over run_config.yaml.
+
+    Non-persistent checkpoints (local or global) are not recorded: the recipes make none, and an
+    export of a checkpoint without a record asks for the ids instead of guessing them.
+    """
+
+    def __init__(self, arch, hf_extras: HfExtras | None, source: str = "", log=print) -> None:
+        self.arch = arch
+        self.hf_extras = hf_extras  # None: not known (the start checkpoint recorded none)
+        self.source = source
+        self.log = log
+        self.recorded: list[Path] = []
+
+    @classmethod
+    def for_start(cls, recipe, start: StartPoint, log=print) -> "ModelRecordCallback":
+        """The recipe's architecture (at least its training context long) and the ids of the start
+        model: a fresh start has the preset's (base Llama-3) ids; chain / weights / resume starts
+        inherit those recorded in the checkpoint they load."""
+        arch = recipe.arch
+        arch = arch.replace(max_position_embeddings=max(arch.max_position_embeddings, recipe.data.sequence_length))
+        source = start.pretrained if start.kind == "weights" else start.load
+        extras = HfExtras() if start.kind == "fresh" else None
+        if start.kind != "fresh":
+            try:
+                extras = read_recorded_ids(resolve_iter_dir(Path(source)))
+            except (ConversionError, OSError, yaml.YAMLError):
+                extras = None
+            if extras is None and _rank() == 0:
+                log(f"[prolong] {source} records no bos/eos token ids: this run's checkpoints record the "
+                    "architecture only; export them with --ids-from HF_DIR (the model the run started from)")
+        return cls(arch, extras, source=f"prolong_nemo {recipe.name} (Megatron-Bridge), {start.describe()}", log=log)
+
+    def on_checkpoint_save(self, context: CallbackContext) -> None:
+        if _rank() != 0:
+            return
+        root = getattr(getattr(context.state.cfg, "checkpoint", None), "save", None)
+        try:  # the folder just saved: rank 0 wrote the tracker right before this event
+            folder = tracked_iter_dir(Path(root)) if root else None
+        except (ConversionError, OSError):
+            folder = None
+        if folder is None or not folder.is_dir():
+            self.log(f"[prolong] warning: no saved checkpoint folder found under {root}; "
+                     "its model record is missing (export it with --ids-from HF_DIR)")
+            return
+        write_prolong_record(folder, self.arch, self.hf_extras, self.source)
+        self.recorded.append(folder)
