@@ -228,3 +228,55 @@ def test_weight_gradient_accumulates_into_megatron_main_grad():
     # fp32 accumulation of bf16 chunk GEMMs: the only difference is the final bf16 cast of the reference
     torch.testing.assert_close(weight.main_grad - earlier, reference, rtol=1e-2, atol=1e-2)
     assert (weight.main_grad - earlier).abs().max() > 1e-1
+
+
+# ---- bf16 weight gradient: fp32 accumulation across many chunks ----------------------------
+
+
+def _bf16_exact_logit_inputs(n=2048, h=64, v=512, seed=0):
+    """bf16 hidden and weight whose logits are small multiples of 1/4, exact in bf16: the
+    logits GEMM adds no rounding, so what is left to measure is the weight-gradient path."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randint(-2, 3, (n, h), generator=g).bfloat16().requires_grad_()
+    weight = (torch.randint(-2, 3, (v, h), generator=g) * 0.25).bfloat16().requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g)
+    grad_out = torch.rand(n, generator=g)
+    return hidden, weight, labels, grad_out
+
+
+def _float64_weight_grad(hidden, weight, labels, grad_out):
+    h64, w64 = hidden.detach().double(), weight.detach().double()
+    logits = h64 @ w64.t()
+    assert torch.equal((hidden.detach() @ weight.detach().t()).double(), logits)  # exact in bf16
+    dlogits = torch.softmax(logits, dim=-1)
+    dlogits[torch.arange(labels.numel()), labels] -= 1.0
+    return (dlogits * grad_out.double()[:, None]).t() @ h64
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("into_main_grad", [False, True])
+def test_bf16_weight_gradient_is_accumulated_in_fp32_across_chunks(into_main_grad, seed):
+    """64 chunks of bf16 hidden/weight: each chunk's weight gradient must reach the fp32
+    accumulator unrounded (megatron's wgrad_gemm_accum_fp32), not as a bf16 GEMM output.
+    Measured against the float64 gradient of the same bf16 inputs: rounding every chunk's
+    product to bf16 leaves ~43% of the bf16 .grad entries off the correctly rounded value and
+    main_grad off by ~2e-3 of its largest entry; fp32 accumulation: <0.05% and ~5e-7.
+    These bounds are for CPU, where the GEMM runs in fp32 on the fp32 logits gradient. CUDA's
+    bf16 GEMM with fp32 output uses the bf16 logits gradient, as megatron does (~1.5e-3 here)."""
+    hidden, weight, labels, grad_out = _bf16_exact_logit_inputs(seed=seed)
+    chunk = 32
+    assert labels.numel() // chunk >= 32
+    ref = _float64_weight_grad(hidden, weight, labels, grad_out)
+    if not into_main_grad:  # plain autograd: fp32 accumulator, cast to bf16 once at the end
+        chunked_linear_cross_entropy(hidden, weight, labels, chunk_tokens=chunk).backward(grad_out)
+        assert weight.grad.dtype == torch.bfloat16
+        not_rounded_once = (weight.grad != ref.to(torch.bfloat16)).double().mean().item()
+        assert not_rounded_once <= 0.01, not_rounded_once
+        return
+    # megatron DDP: straight into the fp32 main_grad, on top of an earlier micro-batch's
+    earlier = torch.randn(weight.shape, generator=torch.Generator().manual_seed(6))
+    weight.main_grad, weight.grad_added_to_main_grad = earlier.clone(), False
+    chunked_linear_cross_entropy(hidden, weight, labels, chunk_tokens=chunk).backward(grad_out)
+    assert weight.grad_added_to_main_grad is True
+    err = ((weight.main_grad - earlier).double() - ref).abs().max() / ref.abs().max()
+    assert err.item() <= 1e-5, err.item()

@@ -5,7 +5,8 @@ backward recomputes each chunk's logits, turns them into the softmax gradient in
 accumulates the hidden and weight gradients. At most one [chunk x vocab/tp] fp32 buffer (plus
 the matmul output in the compute dtype) is alive at a time, besides the weight gradient itself:
 an fp32 [vocab/tp x hidden] accumulator, which under megatron's DDP is the weight's own
-`main_grad` (no extra memory). ProLong uses chunks of 2,048.
+`main_grad` (no extra memory). Each chunk's weight gradient is added into it in fp32, with no
+[vocab/tp x hidden] temporary (see `_accumulate_weight_grad`). ProLong uses chunks of 2,048.
 
 Vocabulary parallel: the weight holds rows [vocab_start, vocab_start + V/tp); max,
 sum-of-exp and the target logit are all-reduced over the TP group, exactly as megatron's
@@ -15,6 +16,7 @@ mapping so the hidden gradient is all-reduced (or reduce-scattered under sequenc
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -82,14 +84,45 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             rows = torch.arange(g.size(0), device=g.device)
             g[rows[valid], idx[valid]] -= 1.0
             g.mul_(grad_loss[s : s + chunk, None])
-            g = g.to(hidden.dtype)
-            torch.matmul(g, weight, out=grad_hidden[s : s + chunk])
-            if g.dtype == grad_weight.dtype:
-                grad_weight.addmm_(g.t(), h)
-            else:  # bf16 GEMM (fast), fp32 accumulation across chunks
-                grad_weight.add_(g.t() @ h)
-            del g
+            g_low = g.to(hidden.dtype)  # g itself if hidden is fp32
+            torch.matmul(g_low, weight, out=grad_hidden[s : s + chunk])
+            _accumulate_weight_grad(grad_weight, g, g_low, h)
+            del g, g_low
         return grad_hidden, _finish_weight_grad(weight, grad_weight), None, None, None
+
+
+def _accumulate_weight_grad(acc: Tensor, g: Tensor, g_low: Tensor, h: Tensor) -> None:
+    """acc += g.T @ h: one chunk's weight gradient, added in the accumulator's dtype (fp32).
+
+    g is the chunk's fp32 logits gradient, g_low the same in the compute dtype (bf16). The
+    product must not pass through a bf16 [V/tp x H] GEMM output: that rounds every chunk's
+    contribution before the fp32 sum, an error that grows with the number of chunks (64K
+    tokens = 32 chunks) and that megatron's own wgrad avoids (`wgrad_gemm_accum_fp32`). Where
+    torch has a bf16 GEMM with fp32 output (CUDA: `addmm(..., out_dtype=float32)`) the GEMM
+    accumulates straight into acc at bf16 speed; elsewhere (CPU in torch 2.14) an fp32 GEMM of
+    the fp32 g and an fp32 copy of h, [chunk x H]. No [V/tp x H] temporary either way.
+    """
+    if g_low.dtype == acc.dtype:
+        acc.addmm_(g_low.t(), h)
+    elif _has_gemm_into(acc.dtype, h.dtype, h.device.type):
+        torch.addmm(acc, g_low.t(), h, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(g.to(acc.dtype).t(), h.to(acc.dtype))
+
+
+@functools.cache
+def _has_gemm_into(acc_dtype: torch.dtype, dtype: torch.dtype, device_type: str) -> bool:
+    """Whether `torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)` with a, b in `dtype`
+    works in place on this device and keeps the sum in acc's precision. Probed once: the
+    overload exists only on some backends (CUDA, not CPU in torch 2.14) and its dtype checks
+    changed across torch versions."""
+    try:
+        acc = torch.full((2, 2), 1.0 + 2.0**-10, dtype=acc_dtype, device=device_type)
+        ones = torch.ones(2, 2, dtype=dtype, device=device_type)
+        torch.addmm(acc, ones, ones, out_dtype=acc_dtype, out=acc)
+        return bool((acc == 3.0 + 2.0**-10).all())  # 3 + 2^-10 is not a bf16 number
+    except (RuntimeError, NotImplementedError, TypeError):  # also: no values on "meta"
+        return False
 
 
 def _weight_grad_accumulator(weight: Tensor) -> Tensor:
