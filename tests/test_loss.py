@@ -146,6 +146,33 @@ def test_output_processor_equals_fused_model_loss(megatron):
     assert model.post_process  # the fallback restores the flag
 
 
+def test_every_loss_path_runs_the_output_layer_hooks_once_per_micro_batch(megatron):
+    """megatron DDP's forward pre-hook on output_layer waits for the weight's all-gather
+    (overlap_param_gather); a path that reads the weight without it crashes at iteration 3
+    (the real loop: tests/test_bridge_pretrain.py)."""
+    from model_fixtures import collate_row, make_row, tiny_arch
+
+    from prolong_nemo.model.builder import build_gpt_model
+    from prolong_nemo.model.loss import supports_output_processor
+
+    arch = tiny_arch()
+    model = build_gpt_model(arch, 256, backend="local")
+    batch = collate_row(make_row([40, 70, 25], arch.vocab_size, seed=11))
+    calls = []
+    handle = model.output_layer.register_forward_pre_hook(lambda module, args: calls.append(module))
+    try:
+        paths = [("fused", None), ("chunked", False)]
+        if supports_output_processor(model):
+            paths.append(("chunked", True))
+        for loss_impl, hook in paths:
+            calls.clear()
+            _model_grads(model, batch, loss_impl, hook=hook)
+            assert calls == [model.output_layer], (loss_impl, hook)
+    finally:
+        handle.remove()
+    assert "forward" not in vars(model.output_layer)  # the layer's own forward is back
+
+
 # ---- per-token averaging across micro-batches ----------------------------------------------
 
 

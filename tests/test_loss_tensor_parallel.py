@@ -73,6 +73,14 @@ def _sp_inputs():
     return hidden, weight, labels
 
 
+def _output_layer(**attributes) -> torch.nn.Module:
+    """An output layer stand-in: a module (the processor runs through its hooks) with these attributes."""
+    layer = torch.nn.Module()
+    for name, value in attributes.items():
+        setattr(layer, name, value)
+    return layer
+
+
 def _sp_worker(rank: int, world: int, port: int, out: str) -> None:
     from types import SimpleNamespace
 
@@ -85,7 +93,7 @@ def _sp_worker(rank: int, world: int, port: int, out: str) -> None:
     s, v = hidden.size(0) // world, weight.size(0) // world
     h_local = hidden[rank * s : (rank + 1) * s].clone().requires_grad_()  # sequence-parallel shard
     w_local = weight[rank * v : (rank + 1) * v].clone().requires_grad_()  # vocab shard
-    layer = SimpleNamespace(tp_group=parallel_state.get_tensor_model_parallel_group(), sequence_parallel=True, weight=w_local)
+    layer = _output_layer(tp_group=parallel_state.get_tensor_model_parallel_group(), sequence_parallel=True, weight=w_local)
     loss = ChunkedLossProcessor(chunk_tokens=5)(
         hidden_states=h_local, output_layer=layer, output_weight=None, labels=labels, config=SimpleNamespace()
     )
@@ -133,7 +141,7 @@ def _no_group_attr_worker(rank: int, world: int, port: int, out: str) -> None:
     v = weight.size(0) // world
     h = hidden.clone().requires_grad_()  # no sequence parallelism: every rank has all tokens
     w_local = weight[rank * v : (rank + 1) * v].clone().requires_grad_()
-    layer = SimpleNamespace(sequence_parallel=False, weight=w_local)
+    layer = _output_layer(sequence_parallel=False, weight=w_local)
     loss = ChunkedLossProcessor(chunk_tokens=7)(
         hidden_states=h, output_layer=layer, output_weight=None, labels=labels, config=SimpleNamespace()
     )

@@ -45,6 +45,13 @@ class ChunkedLossProcessor:
         if labels is None:  # no targets (inference): plain logits, [b, s, V]
             logits, _ = output_layer(hidden_states, weight=output_weight)
             return logits.transpose(0, 1).contiguous()
+        # Run as output_layer's forward so that every hook on the module fires before its
+        # weight is read: megatron DDP's pre-hook waits for the weight's bucket all-gather
+        # under overlap_param_gather (reading it unhooked reads half-gathered rows and leaves
+        # the handle pending until the next iteration's assert).
+        return _call_as_forward(output_layer, self._loss, hidden_states, output_layer, output_weight, labels)
+
+    def _loss(self, hidden_states: Tensor, output_layer, output_weight, labels: Tensor) -> Tensor:
         weight = output_weight if output_weight is not None else output_layer.weight
         # (a Float16Module wrapper may have cast hidden states to fp32 on the fallback path)
         hidden = _enter_vocab_parallel_region(hidden_states.to(weight.dtype), output_layer)
@@ -53,6 +60,26 @@ class ChunkedLossProcessor:
         shard = VocabShard(start=rank * weight.size(0), group=group)
         loss = chunked_linear_cross_entropy(hidden, weight, labels.transpose(0, 1), self.chunk_tokens, shard)
         return loss.transpose(0, 1).contiguous()
+
+
+_NO_FORWARD = object()
+
+
+def _call_as_forward(module: torch.nn.Module, fn, *args):
+    """`fn(*args)` run through `module(...)`, i.e. with the module's (and global) hooks.
+
+    torch has no public "run this module's hooks" call, so `fn` briefly becomes the
+    instance's `forward` and torch's own `Module.__call__` dispatches the hooks around it.
+    """
+    previous = vars(module).get("forward", _NO_FORWARD)
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if previous is _NO_FORWARD:
+            del module.forward
+        else:
+            module.forward = previous
 
 
 def unwrap_model(model):
