@@ -92,7 +92,9 @@ def test_activation_model():
 
 
 def test_default_recipes_fit_8x_h100_80gb():
-    for name, expected_total in (("stage_64k", 54_078_715_904), ("sft", 54_078_715_904)):
+    # 54,078,715,904 before the LM head's input, its gradient and the dummy weight gradient
+    head_64k = 2 * 65536 * 4096 * 2 + 64128 * 4096 * 2
+    for name, expected_total in (("stage_64k", 54_078_715_904 + head_64k), ("sft", 54_078_715_904 + head_64k)):
         plan = make_plan(load_recipe(name), env=GOOD_ENV, strict_env=True)
         assert plan.ok, plan.errors
         assert plan.memory.total == pytest.approx(expected_total)
@@ -101,7 +103,8 @@ def test_default_recipes_fit_8x_h100_80gb():
     m = plan.memory
     assert m.activations == 32 * 2 * 131072 * 4096 / 2 + 34 * 131072 * 4096 / 2
     assert m.total == pytest.approx(2 * 4_015_263_744 + 4 * 4_015_263_744 + 12 * 4_015_263_744 / 4
-                                    + m.activations + 2048 * 64128 * 6 + 4e9)
+                                    + m.activations + 2048 * 64128 * 6 + 4e9
+                                    + 2 * 131072 * 4096 * 2 + 64128 * 4096 * 2)  # LM head input, grad, dummy
     assert m.total < 80 * GB
 
 
@@ -111,9 +114,12 @@ def test_layouts_that_do_not_fit_are_refused():
     assert not plan.ok and "exceeds 80 GB" in plan.errors[0]
     plan = make_plan(load_recipe("stage_64k", ["parallel.tp=1", "parallel.sequence_parallel=false"]), env=GOOD_ENV)
     assert not plan.ok and plan.memory.total > 80 * GB
-    # the unchunked loss adds 25 GB of logits per GPU at TP2: still fits, by a little
+    # the unchunked loss adds 25 GB of logits per GPU at TP2: 78.5 GB before the LM head's input,
+    # its gradient and dummy weight gradient (1.6 GB) were counted, 80.1 GB with them: refused
     plan = make_plan(load_recipe("stage_64k", ["loss.impl=fused"]), env=GOOD_ENV)
-    assert plan.ok and plan.memory.logits == 65536 * 64128 * 6
+    assert plan.memory.logits == 65536 * 64128 * 6
+    assert plan.memory.total == 54_078_715_904 - 2048 * 64128 * 6 + 65536 * 64128 * 6 + 1_599_078_400
+    assert not plan.ok and "exceeds 80 GB" in plan.errors[0]
 
 
 def test_divisibility_refusals_skip_the_estimate():
@@ -145,8 +151,8 @@ NGC_26_04 = {"megatron-core": "0.17.0", "megatron-bridge": "0.4.0", "transformer
 
 @pytest.mark.parametrize("name", ["stage_64k", "stage_512k", "sft"])
 def test_ngc_26_06_stack_passes_with_the_chunked_loss(name):
-    # megatron-core 0.18 has no GPTModel output_processor hook: the forward step falls back to
-    # model.loss.chunked_loss_without_hook, so the chunked loss must not demand 0.19.
+    # The chunked loss runs on every supported megatron-core: through GPTModel's output_processor
+    # hook where forward has it (0.18 and later), else model.loss.chunked_loss_without_hook (0.17).
     recipe = load_recipe(name)
     assert recipe.loss.impl == "chunked"
     plan = make_plan(recipe, env=NGC_26_06 | {"cudnn": "9.10.1"}, strict_env=True)
@@ -211,3 +217,166 @@ def test_dockerfile_build_plan_passes_on_the_advertised_bases(stack):
     # chaining needs Bridge >= 0.5: on 26.04 the 512K stage is refused with that reason
     if stack is NGC_26_04:
         assert any("older than 0.5" in e for e in make_plan(load_recipe("stage_512k"), env=stack).errors)
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM head's memory beyond the logits (defect: 1.6 GB at 64K and 2.7 GB at 512K were missing)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, local_tokens", [("stage_64k", 65536), ("stage_512k", 524288 // 4)])
+def test_lm_head_terms_at_the_stage_layouts(name, local_tokens):
+    recipe = load_recipe(name)
+    assert (recipe.parallel.tp, recipe.parallel.sequence_parallel, recipe.loss.chunk_tokens) == (2, True, 2048)
+    m = make_plan(recipe, env=GOOD_ENV).memory
+    h, v_local, chunk = 4096, 128256 // 2, 2048
+    # the head's input: the final norm output all-gathered over TP (sequence parallel), [T/cp, H]
+    # bf16, saved for the backward; its gradient [T/cp, H] bf16 before the reduce-scatter
+    assert m.head_input == local_tokens * h * 2 == {65536: 536_870_912, 131072: 1_073_741_824}[local_tokens]
+    assert m.head_input_grad == local_tokens * h * 2
+    # the uncached [V/tp, H] bf16 tensor handed to autograd when the gradient went into main_grad
+    assert m.head_dummy_wgrad == v_local * h * 2 == 525_336_576
+    # per chunk: the recomputed [chunk, V/tp] logits in fp32 and their bf16 copy
+    assert m.logits_fp32 == chunk * v_local * 4 == 525_336_576
+    assert m.logits_bf16 == chunk * v_local * 2 == 262_668_288
+    assert m.logits == m.logits_fp32 + m.logits_bf16 == m.logits_chunked
+    missing = m.head_input + m.head_input_grad + m.head_dummy_wgrad
+    assert missing == {65536: 1_599_078_400, 131072: 2_672_820_224}[local_tokens]
+    assert m.total == pytest.approx(m.weights + m.gradients + m.optimizer + m.activations + m.logits + missing
+                                    + m.reserve)
+    rows = dict(m.rows())
+    assert rows["LM head input + its gradient (bf16)"] == 2 * local_tokens * h * 2
+    assert rows["LM head dummy weight gradient (bf16)"] == v_local * h * 2
+
+
+def test_lm_head_terms_without_sequence_parallel_and_fused():
+    # no TP: the head's input is the final norm output itself, [T/cp, H], with all V rows
+    m = estimate_memory(L3, ParallelConfig(), 65536, dp=8)
+    assert m.head_input == m.head_input_grad == 65536 * 4096 * 2
+    assert m.head_dummy_wgrad == 128256 * 4096 * 2
+    fused = estimate_memory(L3, ParallelConfig(tp=2, sequence_parallel=True), 65536, dp=4, loss_impl="fused")
+    assert (fused.logits_fp32, fused.logits_bf16) == (65536 * 64128 * 4, 65536 * 64128 * 2)
+    assert fused.head_input == 65536 * 4096 * 2 and fused.head_dummy_wgrad == 64128 * 4096 * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline parallelism is refused (packed THD rows vary in length)
+# ---------------------------------------------------------------------------------------------
+def test_pipeline_parallel_is_refused_by_plan(capsys):
+    plan = make_plan(load_recipe("stage_64k", ["parallel.pp=2"], validate=False), env=GOOD_ENV)
+    assert not plan.ok and plan.memory is None
+    assert [e for e in plan.errors if "parallel.pp" in e] == [plan.errors[0]]
+    assert plan.errors[0].startswith("parallel.pp=2 is not supported: packed THD rows vary in length")
+    assert cli_main(["plan", "stage_512k", "parallel.pp=2"]) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if "parallel.pp" in line]
+    assert len(lines) == 1 and lines[0].strip().startswith("REFUSED: parallel.pp=2 is not supported")
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed-optimizer checkpoint format and its host memory
+# ---------------------------------------------------------------------------------------------
+def test_reshardable_checkpoint_host_memory_is_counted(capsys):
+    plan = make_plan(load_recipe("stage_64k", ["checkpoint.optim_reshardable=true"]), env=GOOD_ENV)
+    assert plan.ok, plan.errors
+    c = plan.checkpoint
+    # every rank gathers fp32 master + Adam m and v of all 4,015,263,744 parameters its TP rank
+    # holds (all DP x CP shards) into CPU tensors, on every save and on every load
+    assert c.reshardable and c.gather_bytes_per_rank == 12 * 4_015_263_744 == 48_183_164_928
+    assert c.host_bytes_per_rank == 48_183_164_928
+    assert c.host_bytes_per_node == 8 * 48_183_164_928 == 385_465_319_424
+    report = plan.report()
+    assert "48.18 GB per rank" in report and "385.47 GB per node" in report
+    assert "fully reshardable" in report
+    # the recipes' own chain needs none of it: DP-reshardable, nothing gathered
+    default = make_plan(load_recipe("stage_64k"), env=GOOD_ENV)
+    assert not default.checkpoint.reshardable and default.checkpoint.host_bytes_per_rank == 0
+    assert default.checkpoint.host_bytes_per_node == 0
+    assert default.checkpoint.gather_bytes_per_rank == 48_183_164_928  # what reshardable would cost
+    assert "DP-reshardable" in default.report() and "385.47 GB per node" in default.report()
+    # 512K at TP2 CP4: the same 4.0B parameters per rank
+    s512 = make_plan(load_recipe("stage_512k", ["checkpoint.optim_reshardable=true"]), env=GOOD_ENV).checkpoint
+    assert s512.host_bytes_per_rank == 48_183_164_928
+    assert cli_main(["plan", "stage_64k", "checkpoint.optim_reshardable=true", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["checkpoint"]["reshardable"] is True
+    assert data["checkpoint"]["host_gb_per_rank"] == pytest.approx(48.183164928)
+    assert data["checkpoint"]["host_gb_per_node"] == pytest.approx(385.465319424)
+
+
+def _bridge_checkpoint(root, *, tp: int, pp: int, reshardable: bool, iteration: int = 125):
+    """The files `plan` reads from a Megatron-Bridge checkpoint root (tracker + run_config.yaml)."""
+    import yaml
+
+    folder = root / f"iter_{iteration:07d}"
+    folder.mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+    (folder / "run_config.yaml").write_text(yaml.safe_dump({
+        "model": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+        "optimizer": {"use_distributed_optimizer": True},
+        "checkpoint": {"dist_ckpt_optim_fully_reshardable": reshardable, "save_optim": True},
+    }))
+    return root
+
+
+def test_chained_stage_refuses_adam_state_it_cannot_load(tmp_path):
+    prev = _bridge_checkpoint(tmp_path / "64k", tp=2, pp=1, reshardable=False)
+    own = [f"checkpoint.init_from={prev}", f"checkpoint.dir={tmp_path / '512k'}"]
+    assert make_plan(load_recipe("stage_512k", own), env=GOOD_ENV).ok  # TP2 -> TP2: DP-reshardable loads
+    plan = make_plan(load_recipe("stage_512k", [*own, "parallel.tp=4", "parallel.cp=2"]), env=GOOD_ENV)
+    assert not plan.ok
+    [error] = [e for e in plan.errors if "optim_reshardable" in e]
+    assert "saved at tp=2 pp=1" in error and "tp=4 pp=1" in error and str(prev) in error
+    # saved fully reshardable: any layout loads
+    prev2 = _bridge_checkpoint(tmp_path / "64k_r", tp=2, pp=1, reshardable=True)
+    assert make_plan(load_recipe("stage_512k", [f"checkpoint.init_from={prev2}", f"checkpoint.dir={tmp_path / 'b'}",
+                                                "parallel.tp=4", "parallel.cp=2"]), env=GOOD_ENV).ok
+    # a weights-only start reads no optimizer state
+    assert make_plan(load_recipe("sft", [f"checkpoint.init_from={prev}", f"checkpoint.dir={tmp_path / 's'}",
+                                         "parallel.tp=4"]), env=GOOD_ENV).ok
+    # a converted HF model records tp=1 and no optimizer state: nothing to check
+    from prolong_nemo.convert.megatron_io import write_run_config, write_tracker
+
+    converted = tmp_path / "converted" / "iter_0000000"
+    converted.mkdir(parents=True)
+    write_run_config(converted, preset("llama3-tiny"))
+    write_tracker(converted.parent, 0)
+    assert make_plan(load_recipe("stage_512k", [f"checkpoint.init_from={converted.parent}",
+                                                f"checkpoint.dir={tmp_path / 'c'}"]), env=GOOD_ENV).ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Which megatron-core has GPTModel's output_processor hook, and what the repository says
+# ---------------------------------------------------------------------------------------------
+def test_output_processor_hook_exists_from_megatron_core_0_18():
+    import ast
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def forward_args(folder: str) -> set[str]:
+        path = repo / ".venv" / "extras" / folder / "megatron" / "core" / "models" / "gpt" / "gpt_model.py"
+        if not path.is_file():
+            pytest.skip(f"{path} not installed (scripts/setup.sh)")
+        cls = next(n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef) and n.name == "GPTModel")
+        fwd = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+        return {a.arg for a in fwd.args.args + fwd.args.kwonlyargs}
+
+    assert "output_processor" in forward_args("mcore018")  # 0.18.2 (NGC 26.06 ships 0.18)
+    assert "output_processor" not in forward_args("mcore017")  # 0.17.1 (NGC 26.04): the fallback
+    near = re.compile(r"output_processor.{0,160}?0\.19|0\.19.{0,160}?output_processor", re.S)
+    files = [p for d in ("prolong_nemo", "docs", "recipes", "bench", "converters") for p in (repo / d).rglob("*")
+             if p.suffix in (".py", ".md", ".yaml")] + [repo / "README.md"]
+    claims = [str(p.relative_to(repo)) for p in files if near.search(p.read_text())]
+    assert not claims, f"these say output_processor needs megatron-core 0.19: {claims}"
+
+
+def test_reshardable_format_with_padded_buckets_is_warned_about():
+    # DP12 (3 nodes at TP2): bucket ends padded to lcm(12, 128) = 384 elements, not a divisor of
+    # 4,096; megatron's fully reshardable save misaligns states after them
+    over = ["cluster.nodes=3", "train.global_batch_size=48", "checkpoint.optim_reshardable=true"]
+    plan = make_plan(load_recipe("stage_64k", over), env=GOOD_ENV)
+    assert plan.ok and plan.recipe.data_parallel_size == 12
+    [warning] = [w for w in plan.warnings if "bucket" in w]
+    assert "DP x CP = 12" in warning and "384" in warning
+    # power-of-two DP x CP, or the DP-reshardable format: nothing to warn about
+    for overrides in (["checkpoint.optim_reshardable=true"], over[:2]):
+        assert not [w for w in make_plan(load_recipe("stage_64k", overrides), env=GOOD_ENV).warnings if "bucket" in w]

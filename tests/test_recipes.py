@@ -168,6 +168,9 @@ def test_cpu_miniature_keeps_the_stage_shape(stage):
     if big.checkpoint.init_from and stage != "stage_64k":
         previous = {"stage_512k": "stage_64k_cpu", "sft": "stage_512k_cpu"}[stage]
         assert small.checkpoint.init_from == load_recipe(previous).checkpoint.dir
+    # the miniature's Adam state is read by the next miniature, not by the full-size stage
+    reader = big.checkpoint.optim_read_by
+    assert small.checkpoint.optim_read_by == (CPU_RECIPES[reader] if reader else None)
 
 
 def test_512k_cpu_is_eight_times_longer():
@@ -209,3 +212,72 @@ def test_recipe_errors_are_user_errors(capsys):
     assert cli_main(["train", "stage_9k"]) == 2  # train_recipe does not catch RecipeError itself
     err = capsys.readouterr().err
     assert err.startswith("error: unknown recipe 'stage_9k'") and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline parallelism: refused (packed THD rows vary in length)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["stage_64k", "stage_512k", "sft"])
+def test_pipeline_parallel_is_refused_with_its_reason(name):
+    problems = load_recipe(name, ["parallel.pp=2"], validate=False).problems()
+    pp = [p for p in problems if "parallel.pp" in p]
+    assert len(pp) == 1 and "\n" not in pp[0], problems
+    assert pp[0].startswith("parallel.pp=2 is not supported") and "vary in length" in pp[0]
+    assert "variable_seq_lengths" in pp[0] and "parallel.pp=1" in pp[0]
+    with pytest.raises(RecipeError, match="parallel.pp=2 is not supported"):
+        load_recipe(name, ["parallel.pp=2"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed-optimizer checkpoint format (checkpoint.optim_reshardable)
+# ---------------------------------------------------------------------------------------------
+def test_optimizer_checkpoint_format_follows_the_stage_chain():
+    from prolong_nemo.recipes.config import optim_checkpoint_format
+
+    s64, s512 = stage_64k(), stage_512k()
+    assert s64.checkpoint.optim_reshardable == "auto" and s512.checkpoint.optim_reshardable == "auto"
+    # 64K's Adam state is read by 512K (init=weights_and_optimizer); nobody reads 512K's or SFT's
+    # but their own resumes (SFT takes 512K's weights only)
+    assert s64.checkpoint.optim_read_by == "stage_512k"
+    assert s512.checkpoint.optim_read_by is None and sft().checkpoint.optim_read_by is None
+    # 64K TP2 DP4 -> 512K TP2 CP4 DP1: same tp, pp and DDP buckets (the optimizer shards over
+    # DP x CP), so megatron's cheap DP-reshardable format loads: no full gather on every save
+    f = optim_checkpoint_format(s64)
+    assert not f.reshardable and "stage_512k" in f.reason and "tp=2 pp=1" in f.reason
+    assert not optim_checkpoint_format(s512).reshardable and not optim_checkpoint_format(sft()).reshardable
+    # a layout the DP-reshardable format cannot follow: another tp, or buckets of another size
+    assert optim_checkpoint_format(stage_64k(["parallel.tp=4"])).reshardable
+    assert optim_checkpoint_format(s64, reader=stage_512k(["parallel.tp=4", "parallel.cp=2"])).reshardable
+    big = stage_64k(["cluster.nodes=16"])  # DP64: megatron's default bucket grows to 64M elements
+    assert big.data_parallel_size == 64
+    assert optim_checkpoint_format(big).reshardable and "bucket" in optim_checkpoint_format(big).reason
+    # explicit settings win over the chain
+    assert optim_checkpoint_format(stage_64k(["checkpoint.optim_reshardable=true"])).reshardable
+    assert optim_checkpoint_format(stage_512k(["checkpoint.optim_reshardable=true"])).reshardable
+    assert not optim_checkpoint_format(stage_64k(["parallel.tp=4", "checkpoint.optim_reshardable=false"])).reshardable
+
+
+def test_optimizer_checkpoint_format_reaches_bridge():
+    from prolong_nemo.recipes.bridge_spec import StartPoint, bridge_sections
+
+    fresh = StartPoint("fresh", load="/runs/x")
+    assert bridge_sections(stage_64k(), fresh)["checkpoint"]["dist_ckpt_optim_fully_reshardable"] is False
+    assert bridge_sections(stage_64k(["parallel.tp=4"]), fresh)["checkpoint"]["dist_ckpt_optim_fully_reshardable"] is True
+    on = bridge_sections(stage_512k(["checkpoint.optim_reshardable=true"]), fresh)["checkpoint"]
+    assert on["dist_ckpt_optim_fully_reshardable"] is True
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["checkpoint.optim_reshardable=maybe"], "checkpoint.optim_reshardable must be auto, true or false"),
+    (["checkpoint.optim_read_by=stage_64k"], "checkpoint.optim_read_by names this recipe"),
+])
+def test_optimizer_checkpoint_settings_are_validated(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("stage_64k", overrides)
+
+
+def test_optimizer_read_by_an_unknown_recipe_is_an_error():
+    from prolong_nemo.recipes.config import optim_checkpoint_format
+
+    with pytest.raises(RecipeError, match="checkpoint.optim_read_by='stage_2m'"):
+        optim_checkpoint_format(stage_64k(["checkpoint.optim_read_by=stage_2m"]))

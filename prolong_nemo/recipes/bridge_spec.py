@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from prolong_nemo.model.config import LlamaArch
-from prolong_nemo.recipes.config import RecipeConfig, RecipeError
+from prolong_nemo.recipes.config import RecipeConfig, RecipeError, optim_checkpoint_format
 
 # Tracker files a Megatron(-Bridge) checkpoint root holds next to its iter_XXXXXXX/ folders.
 TRACKER_FILES = ("latest_train_state.pt", "latest_checkpointed_iteration.txt")
@@ -241,9 +241,10 @@ def bridge_sections(recipe: RecipeConfig, start: StartPoint) -> dict[str, dict[s
             load_optim=True,
             load_rng=not chain,
             fully_parallel_save=True,
-            # Optimizer state resharded on load: stage 512K reads stage 64K's Adam state with a
-            # different TP / CP / DP layout, and overridden layouts must keep resuming.
-            dist_ckpt_optim_fully_reshardable=True,
+            # Adam-state format of this stage's saves: fully reshardable gathers the whole state
+            # into host memory on every save and load, so only when the stage that loads it runs
+            # another tp / pp / bucket size (recipes/README.md, "Optimizer checkpoint format").
+            dist_ckpt_optim_fully_reshardable=optim_checkpoint_format(recipe).reshardable,
             async_save=False,
         ),
         "logger": dict(

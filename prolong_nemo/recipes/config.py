@@ -120,6 +120,12 @@ class CheckpointConfig:
     init_from: str | None = None
     init: str = "none"
     format: str = "torch_dist"
+    # Distributed-optimizer state format of this stage's saves (`optim_checkpoint_format`):
+    # "auto", True (fully reshardable: any layout loads it, every save and load gathers the
+    # whole Adam state into host memory) or False (DP-reshardable: same tp and pp only).
+    optim_reshardable: bool | str = "auto"
+    # The recipe that loads this stage's Adam state (checkpoint.init=weights_and_optimizer).
+    optim_read_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -288,6 +294,10 @@ class RecipeConfig:
         if min(par.tp, par.pp, par.cp) < 1:
             p.append(f"parallel sizes must be >= 1, got tp={par.tp} pp={par.pp} cp={par.cp}")
             return p
+        if par.pp > 1:
+            p.append(f"parallel.pp={par.pp} is not supported: packed THD rows vary in length, and megatron's "
+                     "pipeline send/recv uses fixed shapes from the sequence length (no variable_seq_lengths), "
+                     "so it hangs or crashes; use parallel.pp=1 and split with parallel.tp / parallel.cp")
         if par.recompute not in RECOMPUTE:
             p.append(f"parallel.recompute must be one of {RECOMPUTE}, got {par.recompute!r}")
         if par.sequence_parallel and par.tp == 1:
@@ -303,6 +313,11 @@ class RecipeConfig:
             p.append(f"checkpoint.save_interval must be positive, got {ck.save_interval}")
         if ck.init_from and os.path.abspath(ck.init_from) == os.path.abspath(ck.dir):
             p.append("checkpoint.init_from must differ from checkpoint.dir (the stage's own checkpoints)")
+        if ck.optim_reshardable not in (True, False, "auto") or not isinstance(ck.optim_reshardable, (bool, str)):
+            p.append(f"checkpoint.optim_reshardable must be auto, true or false, got {ck.optim_reshardable!r}")
+        if ck.optim_read_by == self.name:
+            p.append("checkpoint.optim_read_by names this recipe: it is the recipe that loads this stage's "
+                     "Adam state next (its own resumes always can)")
         return p
 
     def validate(self) -> "RecipeConfig":
@@ -338,3 +353,69 @@ def divisibility_problems(arch: LlamaArch, seq_length: int, par: ParallelConfig,
             p.append(f"global batch {global_batch_size} not divisible by micro batch {micro_batch_size} "
                      f"x data parallel {dp}")
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed-optimizer checkpoint format
+# ---------------------------------------------------------------------------------------------
+def ddp_bucket_elements(data_parallel_size: int) -> int:
+    """megatron's default DDP bucket size (`DistributedDataParallel`, bucket_size=None with
+    overlap_grad_reduce): max(40M, 1M x the data-parallel size without CP), in elements."""
+    return max(40_000_000, 1_000_000 * data_parallel_size)
+
+
+def optim_shard_layout(recipe: RecipeConfig) -> tuple[int, int, int]:
+    """What megatron's DP-reshardable optimizer checkpoint is tied to: (tp, pp, bucket size).
+
+    The distributed optimizer shards every DDP bucket over the DP x CP group and saves it as
+    one tensor per bucket and TP x PP rank ('dp_reshardable'), so a run with other dp / cp
+    sizes reads it (each rank its own slice), while other tp or pp sizes are refused by
+    Megatron-Bridge ("(TP, PP) mismatch") and other bucket sizes by megatron's
+    `per_bucket_numel_unpadded` check.
+    """
+    par = recipe.parallel
+    return par.tp, par.pp, ddp_bucket_elements(max(recipe.data_parallel_size, 1))
+
+
+def describe_shard_layout(layout: tuple[int, int, int]) -> str:
+    tp, pp, bucket = layout
+    return f"tp={tp} pp={pp}, {bucket / 1e6:g}M-element DDP buckets"
+
+
+@dataclass(frozen=True)
+class OptimFormat:
+    """How a stage saves its distributed-optimizer state (Bridge `dist_ckpt_optim_fully_reshardable`)."""
+
+    reshardable: bool
+    reason: str
+
+
+def optim_checkpoint_format(recipe: RecipeConfig, reader: RecipeConfig | None = None) -> OptimFormat:
+    """Fully reshardable (megatron 'fully_reshardable') or DP-reshardable ('dp_reshardable').
+
+    The format is fixed when a checkpoint is saved: loading follows what the checkpoint's
+    metadata says, whatever the loading run is configured with. So the stage whose Adam state
+    another stage loads decides: `checkpoint.optim_reshardable: auto` saves fully reshardable
+    only when `checkpoint.optim_read_by` (default: that recipe as composed, or `reader`) runs a
+    layout the DP-reshardable format cannot follow (`optim_shard_layout`). True / false force it.
+    """
+    ck = recipe.checkpoint
+    if not recipe.parallel.distributed_optimizer:
+        return OptimFormat(False, "no distributed optimizer: its checkpoint format does not apply")
+    if ck.optim_reshardable is True or ck.optim_reshardable is False:
+        return OptimFormat(ck.optim_reshardable, f"checkpoint.optim_reshardable={str(ck.optim_reshardable).lower()}")
+    if reader is None and ck.optim_read_by:
+        from prolong_nemo.recipes.stages import load_recipe
+
+        try:
+            reader = load_recipe(ck.optim_read_by)
+        except RecipeError as e:
+            raise RecipeError(f"checkpoint.optim_read_by={ck.optim_read_by!r}: {e}") from None
+    if reader is None:
+        return OptimFormat(False, "auto: only this stage's own resumes load its Adam state")
+    mine, theirs = optim_shard_layout(recipe), optim_shard_layout(reader)
+    if mine == theirs:
+        return OptimFormat(False, f"auto: {reader.name} loads it at the same {describe_shard_layout(mine)}; "
+                                  "dp and cp may differ")
+    return OptimFormat(True, f"auto: {reader.name} loads it at {describe_shard_layout(theirs)}, "
+                             f"this stage saves at {describe_shard_layout(mine)}")

@@ -20,8 +20,24 @@ The memory model (bf16 training, Megatron DDP + distributed optimizer):
               recomputed in the backward pass. With pipeline parallelism the first stage holds
               min(pp, micro-batches) micro-batches in flight (1F1B).
   logits      [s, V/tp] in bf16 plus the fp32 copy the cross-entropy makes (6 B per entry); the
-              chunked LM head + cross-entropy only holds `chunk_tokens` rows at a time.
+              chunked LM head + cross-entropy only holds `chunk_tokens` rows at a time (the
+              recomputed fp32 chunk and its bf16 copy for the gradient GEMMs).
+  LM head     its input [s, H] bf16 (the final norm output, all-gathered over TP under sequence
+              parallelism), saved for the backward; the input's gradient [s, H] bf16 before the
+              reduce-scatter; and the [V/tp, H] bf16 dummy weight gradient handed to autograd
+              when the weight gradient went straight into DDP's fp32 `main_grad` (megatron's
+              gradient-accumulation-fusion protocol; a fresh allocation per micro-batch). All
+              counted as alive at once (an upper bound: the allocator may reuse a freed chunk).
   reserve     4 GB for the CUDA context, NCCL buffers and allocator fragmentation.
+
+Recipes refuse pipeline parallelism (packed THD rows vary in length; megatron's pipeline p2p
+uses fixed shapes): the pp terms above serve what-if estimates only.
+
+Checkpoints (host memory, not GPU): with `checkpoint.optim_reshardable` resolved to true
+(megatron's 'fully_reshardable' distributed-optimizer format) every rank gathers the fp32
+master weights and both Adam moments of all parameters its TP rank holds, across DP x CP, into
+CPU tensors on every save and every load: 12 B x params per GPU per rank (48 GB at 8B TP2),
+times the GPUs of a node. The DP-reshardable format saves each rank's own shard in place.
 """
 
 from __future__ import annotations
@@ -35,7 +51,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
 from prolong_nemo.model.config import LlamaArch
-from prolong_nemo.recipes.config import ParallelConfig, RecipeConfig, RecipeError
+from prolong_nemo.recipes.config import (
+    OptimFormat,
+    ParallelConfig,
+    RecipeConfig,
+    RecipeError,
+    optim_checkpoint_format,
+)
 
 GB = 1e9
 RESERVE_BYTES = 4 * GB
@@ -44,8 +66,9 @@ VOCAB_DIVISIBLE_BY = 128  # Megatron's make_vocab_size_divisible_by (times tp)
 # Minimum versions. cuDNN 9.6 is the first with fused attention for THD + GQA on Hopper.
 MIN_CUDNN = (9, 6, 0)
 MIN_TE = (2, 14)          # NGC 26.04
-# Packed THD + CP. The chunked loss needs no newer one: below 0.19 (no GPTModel
-# `output_processor` hook) the forward step runs `model.loss.chunked_loss_without_hook`.
+# Packed THD + CP. The chunked loss needs no newer one: where GPTModel.forward lacks the
+# `output_processor` hook (0.17; 0.18 has it) the forward step runs
+# `model.loss.chunked_loss_without_hook`.
 MIN_MCORE = (0, 17)
 MIN_BRIDGE = (0, 4)       # NGC 26.04
 MIN_BRIDGE_CHAIN = (0, 5)  # the on_data_init_start callback event (stage chaining)
@@ -94,7 +117,8 @@ def params_per_gpu(arch: LlamaArch, par: ParallelConfig) -> int:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Per-GPU bytes. `logits` is what the configured loss uses; both variants are reported."""
+    """Per-GPU bytes. `logits` is what the configured loss uses (`logits_fp32` + `logits_bf16`);
+    both variants are reported. `head_*`: the LM head's other tensors (module docstring)."""
 
     params: int
     weights: float
@@ -104,16 +128,25 @@ class MemoryEstimate:
     logits: float
     logits_unchunked: float
     logits_chunked: float
+    logits_fp32: float = 0.0
+    logits_bf16: float = 0.0
+    head_input: float = 0.0
+    head_input_grad: float = 0.0
+    head_dummy_wgrad: float = 0.0
     reserve: float = RESERVE_BYTES
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.reserve
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.logits
+                + self.head_input + self.head_input_grad + self.head_dummy_wgrad + self.reserve)
 
     def rows(self) -> list[tuple[str, float]]:
         return [("weights (bf16)", self.weights), ("gradients", self.gradients),
                 ("optimizer (fp32 master + Adam)", self.optimizer), ("activations", self.activations),
-                ("logits + cross-entropy", self.logits), ("reserve (context, NCCL, fragmentation)", self.reserve),
+                ("logits + cross-entropy", self.logits),
+                ("LM head input + its gradient (bf16)", self.head_input + self.head_input_grad),
+                ("LM head dummy weight gradient (bf16)", self.head_dummy_wgrad),
+                ("reserve (context, NCCL, fragmentation)", self.reserve),
                 ("total", self.total)]
 
 
@@ -155,16 +188,126 @@ def estimate_memory(arch: LlamaArch, par: ParallelConfig, seq_length: int, dp: i
     vocab_local = padded_vocab(arch.vocab_size, par.tp) // par.tp
     unchunked = 6.0 * tokens * vocab_local
     chunked = 6.0 * min(chunk_tokens, tokens) * vocab_local
-    logits = chunked if loss_impl == "chunked" else unchunked
+    rows = min(chunk_tokens, tokens) if loss_impl == "chunked" else tokens
+    head_input = 2.0 * tokens * h  # [s, H] bf16, SP-gathered; its gradient has the same shape
     return MemoryEstimate(params=p, weights=weights, gradients=gradients, optimizer=optimizer,
-                          activations=activations, logits=logits, logits_unchunked=unchunked,
-                          logits_chunked=chunked)
+                          activations=activations, logits=6.0 * rows * vocab_local, logits_unchunked=unchunked,
+                          logits_chunked=chunked, logits_fp32=4.0 * rows * vocab_local,
+                          logits_bf16=2.0 * rows * vocab_local, head_input=head_input, head_input_grad=head_input,
+                          head_dummy_wgrad=2.0 * vocab_local * h)
 
 
 def recipe_memory(recipe: RecipeConfig) -> MemoryEstimate:
     return estimate_memory(recipe.arch, recipe.parallel, recipe.data.sequence_length,
                            max(recipe.data_parallel_size, 1), loss_impl=recipe.loss.impl,
                            chunk_tokens=recipe.loss.chunk_tokens, microbatches=max(recipe.grad_accumulation, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: the distributed optimizer's format and its host memory
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointEstimate:
+    """The Adam-state format of a stage's saves and the host memory it costs per save / load."""
+
+    format: OptimFormat
+    gather_bytes_per_rank: float  # what the fully reshardable format gathers on each rank
+    gpus_per_node: int
+
+    @property
+    def reshardable(self) -> bool:
+        return self.format.reshardable
+
+    @property
+    def gather_bytes_per_node(self) -> float:
+        return self.gather_bytes_per_rank * self.gpus_per_node
+
+    @property
+    def host_bytes_per_rank(self) -> float:
+        return self.gather_bytes_per_rank if self.reshardable else 0.0
+
+    @property
+    def host_bytes_per_node(self) -> float:
+        return self.host_bytes_per_rank * self.gpus_per_node
+
+    def lines(self) -> list[str]:
+        cost = (f"{self.gather_bytes_per_rank / GB:.2f} GB per rank, {self.gather_bytes_per_node / GB:.2f} GB "
+                "per node into host memory")
+        if self.reshardable:
+            return [f"Adam state fully reshardable ({self.format.reason})",
+                    f"every save and every load gathers {cost}"]
+        return [f"Adam state DP-reshardable ({self.format.reason})",
+                f"nothing gathered; fully reshardable would gather {cost} on every save and load"]
+
+    def to_dict(self) -> dict:
+        return {"reshardable": self.reshardable, "reason": self.format.reason,
+                "host_gb_per_rank": self.host_bytes_per_rank / GB, "host_gb_per_node": self.host_bytes_per_node / GB,
+                "gather_gb_per_rank": self.gather_bytes_per_rank / GB}
+
+
+def checkpoint_estimate(recipe: RecipeConfig) -> CheckpointEstimate:
+    """Fully reshardable saves and loads hold fp32 master + Adam m and v of every parameter of
+    the TP rank (all DP x CP shards) in CPU tensors on every rank: 12 B x params per GPU."""
+    par = recipe.parallel
+    gather = 12.0 * params_per_gpu(recipe.arch, par) if par.distributed_optimizer else 0.0
+    return CheckpointEstimate(optim_checkpoint_format(recipe), gather, recipe.cluster.gpus_per_node)
+
+
+def padded_bucket_warning(recipe: RecipeConfig, checkpoint: CheckpointEstimate) -> list[str]:
+    """megatron-core (0.17-0.19) saves the fully reshardable format misaligned after a padded
+    DDP bucket end: it gathers the buckets without their end padding, then slices with offsets in
+    the padded buffer (tests/test_optimizer_checkpoint_format.py). Bucket ends are padded to
+    lcm(DP x CP, 128) elements; every Llama parameter size is a multiple of the hidden size, so
+    there is no padding when that lcm divides the hidden size (e.g. 4,096 with DP x CP = 2^k)."""
+    if not checkpoint.reshardable:
+        return []
+    dp_cp = max(recipe.data_parallel_size, 1) * recipe.parallel.cp
+    divisor = math.lcm(dp_cp, 128)
+    if recipe.arch.hidden_size % divisor == 0:
+        return []
+    return [f"fully reshardable Adam state with DP x CP = {dp_cp}: megatron pads DDP bucket ends to {divisor} "
+            f"elements (hidden {recipe.arch.hidden_size}), and its fully reshardable save then stores the states "
+            "after a padded bucket end misaligned (another parameter's values); use a power-of-two DP x CP"]
+
+
+def saved_optimizer_layout(root: str | None) -> tuple[int, int, bool] | None:
+    """(tp, pp, fully reshardable) of the distributed-optimizer state in the newest
+    Megatron-Bridge checkpoint in `root` (a root with `latest_checkpointed_iteration.txt`, or an
+    iteration folder), from the run_config.yaml Bridge writes beside it; None where that is not
+    known or there is no such state (no checkpoint yet, a converted HF model, the CPU runner)."""
+    from pathlib import Path
+
+    import yaml
+
+    if not root or not Path(root).is_dir():
+        return None
+    from prolong_nemo.convert.mapping import ConversionError
+    from prolong_nemo.convert.megatron_io import TRACKER_FILE, tracked_iter_dir
+
+    try:
+        folder = tracked_iter_dir(Path(root)) if (Path(root) / TRACKER_FILE).is_file() else Path(root)
+        cfg = yaml.safe_load((folder / "run_config.yaml").read_text())
+        model, ck = cfg["model"], cfg.get("checkpoint") or {}
+        if not ck.get("save_optim") or not (cfg.get("optimizer") or {}).get("use_distributed_optimizer"):
+            return None
+        return (int(model["tensor_model_parallel_size"]), int(model["pipeline_model_parallel_size"]),
+                bool(ck.get("dist_ckpt_optim_fully_reshardable", False)))
+    except (ConversionError, OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
+def chain_problems(recipe: RecipeConfig) -> list[str]:
+    """A chained stage (weights + Adam state) whose source checkpoint holds Adam state in the
+    DP-reshardable format at another tp / pp: Megatron-Bridge would refuse it at load time."""
+    ck, par = recipe.checkpoint, recipe.parallel
+    if ck.init != "weights_and_optimizer" or not par.distributed_optimizer:
+        return []
+    saved = saved_optimizer_layout(ck.init_from)
+    if saved is None or saved[2] or saved[:2] == (par.tp, par.pp):
+        return []
+    return [f"checkpoint.init_from={ck.init_from} holds DP-reshardable Adam state saved at tp={saved[0]} "
+            f"pp={saved[1]}, which this stage cannot load at tp={par.tp} pp={par.pp}: run it at tp={saved[0]} "
+            f"pp={saved[1]}, or save the previous stage again with checkpoint.optim_reshardable=true"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +407,7 @@ def version_checks(recipe: RecipeConfig, env: Mapping[str, object], strict: bool
 class Plan:
     recipe: RecipeConfig
     memory: MemoryEstimate | None
+    checkpoint: CheckpointEstimate | None = None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     environment: dict = field(default_factory=dict)
@@ -293,6 +437,9 @@ class Plan:
             lines += [f"    {name:<40} {value / GB:8.2f} GB" for name, value in m.rows()]
             lines.append(f"    (logits without chunking {m.logits_unchunked / GB:.2f} GB, "
                          f"chunked {m.logits_chunked / GB:.2f} GB)")
+        if self.checkpoint is not None:
+            first, second = self.checkpoint.lines()
+            lines += [f"  checkpoint   {first}", f"               {second}"]
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         for e in self.errors:
@@ -305,6 +452,7 @@ class Plan:
                 "memory_gb": None if self.memory is None else
                 {k: (v / GB if isinstance(v, float) else v) for k, v in asdict(self.memory).items()}
                 | {"total": self.memory.total / GB},
+                "checkpoint": None if self.checkpoint is None else self.checkpoint.to_dict(),
                 "environment": self.environment}
 
 
@@ -315,6 +463,12 @@ def make_plan(recipe: RecipeConfig, *, env: Mapping[str, object] | None = None, 
     if plan.errors:
         return plan  # an inconsistent layout has no meaningful memory estimate
     plan.memory = recipe_memory(recipe)
+    try:
+        plan.checkpoint = checkpoint_estimate(recipe)
+        plan.warnings += padded_bucket_warning(recipe, plan.checkpoint)
+    except RecipeError as e:
+        plan.errors.append(str(e))
+    plan.errors += chain_problems(recipe)
     capacity = recipe.cluster.gpu_memory_gb * GB
     if capacity > 0 and plan.memory.total > capacity:
         plan.errors.append(
