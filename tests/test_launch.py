@@ -158,3 +158,66 @@ def test_dockerfile_keeps_the_container_stack():
     for src in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
         for path in src.split():
             assert (REPO / path).exists(), f"Dockerfile copies {path}, which is not in the repository"
+
+
+# ---------------------------------------------------------------------------------------------
+# `prolong-nemo train <recipe>` on a GPU machine: the torchrun it starts (single node)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def bridge_machine(monkeypatch):
+    """`train_recipe` as on a GPU machine with Megatron-Bridge, outside torchrun; records the
+    torchrun commands (and keyword arguments) instead of running them."""
+    from prolong_nemo.recipes import entry
+
+    monkeypatch.setattr(entry, "bridge_available", lambda: True)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    calls: list = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append((cmd, kwargs))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(entry.subprocess, "run", fake_run)
+    return calls
+
+
+def test_train_hands_torchrun_the_job_environment(bridge_machine, monkeypatch, tmp_path):
+    from prolong_nemo.recipes.entry import train_recipe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    monkeypatch.delenv("NCCL_NVLS_ENABLE", raising=False)
+    assert train_recipe("stage_64k", [], log=lambda _: None) == 0
+    [(cmd, kwargs)] = bridge_machine
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=8" in cmd
+    env = kwargs.get("env")
+    assert env is not None, "torchrun inherits the caller's environment without CUDA_DEVICE_MAX_CONNECTIONS"
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"  # TP/SP communication overlap ordering
+    assert env["PATH"] == os.environ["PATH"]  # everything else is inherited
+    # the same job environment `launch` gives its ranks
+    assert launch_spec("stage_64k", [], "local").env.items() <= env.items()
+    # what the user set is kept; the recipe's cluster.env reaches the ranks
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+    assert train_recipe("stage_64k", ["+cluster.env.NCCL_DEBUG=INFO"], log=lambda _: None) == 0
+    env = bridge_machine[1][1]["env"]
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "32" and env["NCCL_DEBUG"] == "INFO"
+
+
+def test_exit_after_is_refused_on_the_bridge_path(bridge_machine, monkeypatch, capsys):
+    from prolong_nemo.cli import main
+    from prolong_nemo.recipes.entry import train_recipe
+
+    with pytest.raises(RecipeError, match="--exit-after is not supported with Megatron-Bridge"):
+        train_recipe("stage_64k", [], exit_after=3, log=lambda _: None)
+    assert not bridge_machine  # nothing was started
+    assert main(["train", "stage_64k", "--exit-after", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --exit-after is not supported with Megatron-Bridge") and err.count("\n") == 1
+    # already one rank of a torchrun job: refused before Bridge is imported
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(RecipeError, match="--exit-after"):
+        train_recipe("stage_64k", [], exit_after=3)
+    assert not bridge_machine
+    # without it the same machine starts torchrun
+    monkeypatch.delenv("LOCAL_RANK")
+    assert train_recipe("stage_64k", [], log=lambda _: None) == 0 and len(bridge_machine) == 1

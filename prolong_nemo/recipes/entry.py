@@ -3,7 +3,8 @@
 - GPU + Megatron-Bridge (NGC NeMo container): under torchrun, every rank runs
   `bridge.main` (Bridge `pretrain(cfg, forward_step)`); started outside torchrun, this
   re-executes itself as `torchrun --nproc-per-node <gpus_per_node> recipes/bridge_entry.py ...`
-  (one node; use `prolong-nemo launch` for Slurm / several nodes).
+  (one node; use `prolong-nemo launch` for Slurm / several nodes), with the same job
+  environment as `launch` (`CUDA_DEVICE_MAX_CONNECTIONS=1` unless already set, `cluster.env`).
 - Otherwise the CPU runner (megatron-core on gloo) trains the stage's CPU miniature
   (`<recipe>_cpu`: same schedule shape, tiny model), with the same resume, stage-chaining and
   progress-log logic as the Bridge path.
@@ -72,14 +73,22 @@ def train_recipe(recipe_name: str, overrides: Sequence[str] = (), *, backend: Ba
     """Train `recipe_name` with Hydra `overrides`; returns a process exit code."""
     overrides = list(overrides)
     if select_backend(backend) == "bridge":
+        if exit_after is not None:
+            # It was ignored here. Bridge's nearest settings stop elsewhere: train.exit_interval
+            # at the first step divisible by N (not N steps after a resume), exit_duration_in_mins
+            # after a wall time; train.steps would change the LR schedule.
+            raise RecipeError("--exit-after is not supported with Megatron-Bridge (no Bridge setting stops "
+                              "N steps into a run); use --backend cpu for stop-and-resume drills")
         if "LOCAL_RANK" in os.environ:  # already one rank of a torchrun job
             from prolong_nemo.recipes.bridge import main
 
             return main([recipe_name, *overrides])
+        from prolong_nemo.recipes.launch import job_environment
+
         recipe = load_recipe(recipe_name, overrides)
         cmd = torchrun_command(recipe, recipe_name, overrides)
         log("[prolong] " + " ".join(cmd))
-        return subprocess.run(cmd, check=False).returncode
+        return subprocess.run(cmd, check=False, env=job_environment(recipe, os.environ)).returncode
 
     name = cpu_recipe_name(recipe_name)
     if name != recipe_name:
@@ -208,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--backend", choices=("auto", "bridge", "cpu"), default="auto")
     parser.add_argument("--synthetic-data", action="store_true", help="CPU runner: synthetic rows instead of MDS")
-    parser.add_argument("--exit-after", type=int, default=None, help="stop (and save) after N steps")
+    parser.add_argument("--exit-after", type=int, default=None,
+                        help="CPU runner: stop (and save) after N steps; refused with Megatron-Bridge")
     args = parser.parse_args(argv)
     try:
         return train_recipe(args.recipe, args.overrides, backend=args.backend, exit_after=args.exit_after,

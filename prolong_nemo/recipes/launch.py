@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from prolong_nemo.recipes.config import RecipeConfig, RecipeError
 
@@ -62,6 +62,24 @@ def pinned_overrides(recipe: RecipeConfig, overrides: Sequence[str], *, absolute
     return [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in keys] + pinned
 
 
+# What every rank of a training job gets unless the recipe or the caller's environment sets it.
+JOB_ENV_DEFAULTS = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # TP/SP communication overlap ordering
+    "NCCL_NVLS_ENABLE": "0",
+}
+
+
+def job_environment(recipe: RecipeConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a job's ranks: `base` (e.g. the caller's `os.environ`), the recipe's
+    `cluster.env` over it, and `JOB_ENV_DEFAULTS` where neither sets a variable. Used by `launch`
+    (NeMo-Run executors) and by single-node `prolong-nemo train` (its torchrun child)."""
+    env = dict(base or {})
+    env.update({str(k): str(v) for k, v in recipe.cluster.env.items()})
+    for key, value in JOB_ENV_DEFAULTS.items():
+        env.setdefault(key, value)
+    return env
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     """Everything a submission needs, before NeMo-Run objects are built (easy to inspect)."""
@@ -84,13 +102,10 @@ def launch_spec(recipe_name: str, overrides: Sequence[str], executor: str, *, jo
     recipe = load_recipe(recipe_name, overrides)
     local = executor == "local"
     args = [recipe_name, *pinned_overrides(recipe, overrides, absolute=local)]
-    env = {str(k): str(v) for k, v in recipe.cluster.env.items()}
-    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # TP/SP communication overlap ordering
-    env.setdefault("NCCL_NVLS_ENABLE", "0")
     return LaunchSpec(
         recipe=recipe, executor=executor,
         entry=entry or (str(recipes_dir() / "bridge_entry.py") if local else CONTAINER_ENTRY),
-        args=args, env=env,
+        args=args, env=job_environment(recipe),
         job_dir=os.path.abspath(job_dir or os.path.join(os.path.dirname(recipe.checkpoint.dir), "nemo_run")),
         name=f"{recipe.cluster.slurm.job_name_prefix}{recipe.name}",
     )

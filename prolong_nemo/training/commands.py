@@ -38,7 +38,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save", dest="save_dir", default=None, help="checkpoint root (resumes from it when present)")
     parser.add_argument("--save-interval", type=int, default=d.save_interval)
     parser.add_argument("--exit-after", type=int, default=None,
-                        help="stop after N steps (flag mode: without saving, a crash drill; recipe mode: saves first)")
+                        help="stop after N steps (flag mode: without saving, a crash drill; recipe mode on the "
+                             "CPU runner: saves first; refused with Megatron-Bridge)")
     parser.add_argument("--metrics-file", default=None, help="append one JSON line per step (full-precision loss)")
     parser.add_argument("--log-interval", type=int, default=d.log_interval)
     parser.add_argument("--seed", type=int, default=d.seed)
