@@ -32,6 +32,11 @@ extra bridge megatron-bridge==0.6.2
 extra bridge05 megatron-bridge==0.5.0
 extra nemo-run -r recipes/requirements-launch.txt
 extra transformers5 transformers==5.12.1 huggingface-hub==1.5.0 typer click shellingham annotated-doc
+# - what Megatron-Bridge's pretrain() loop imports beyond megatron-core (tests/bridge_runtime.py
+#   runs that loop on CPU); pinned to versions that import beside transformers 5 / numpy < 2.2.
+extra bridge-runtime datasets==4.4.1 pyarrow==26.0.1 pandas==3.1.1 dill==0.4.0 multiprocess==0.70.18 \
+  einops==0.8.2 nvidia-modelopt==0.47.0 pulp==4.2.0 orloge==1.0.0 cpsat_logutils==1.0.0 scipy==1.18.1 \
+  tensorboard==2.21.0 absl-py==2.5.1
 # - megatron-core 0.17 / 0.18: what NGC NeMo 26.04 / 26.06 ship; the core tests run again on each.
 extra mcore017 megatron-core==0.17.1
 extra mcore018 megatron-core==0.18.2

@@ -33,6 +33,7 @@ from prolong_nemo.recipes.bridge_spec import (
     build_prolong_datasets,
     dataset_fields,
     model_overrides,
+    recorded_optimizer_lrs,
     resolve_start,
     schedule_of,
 )
@@ -90,6 +91,8 @@ def build_config_container(recipe: RecipeConfig, start: StartPoint | None = None
 
     start = start or resolve_start(recipe)
     s = bridge_sections(recipe, start)
+    if start.kind == "chain":  # StageChainCallback applies this stage's LRs after the load
+        s["optimizer"].update(recorded_optimizer_lrs(start.load))
     optimizer = bc.OptimizerConfig(**s["optimizer"], params_dtype=torch.bfloat16)
     # bf16 mixed precision; Bridge applies it to model, optimizer and DDP, so the recipe's
     # gradient-buffer dtype is set on it rather than on the DDP config alone.

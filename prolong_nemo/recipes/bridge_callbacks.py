@@ -91,6 +91,11 @@ class StageChainCallback(Callback):
         for name in TRAIN_STATE_COUNTERS:
             setattr(train_state, name, 0)
         restart_schedule(context.scheduler, context.optimizer, **self.schedule)
+        # The optimizer was built with the loaded stage's LRs (bridge.build_config_container);
+        # from here on this stage's are the config's, so its saves record (and resume with) them.
+        optimizer_cfg = getattr(cfg, "optimizer", None)
+        if optimizer_cfg is not None:
+            optimizer_cfg.lr, optimizer_cfg.min_lr = self.schedule["max_lr"], self.schedule["min_lr"]
         self.applied = True
         if _rank() == 0:
             self.log(f"[prolong] loaded {self.init_from} at its step {previous}: weights and Adam state kept, "

@@ -11,6 +11,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from prolong_nemo.model.config import LlamaArch
@@ -107,6 +108,26 @@ def schedule_of(recipe: RecipeConfig, *, increment: int) -> dict[str, float | in
                 decay_steps=recipe.train.steps * increment)
 
 
+def recorded_optimizer_lrs(root: str) -> dict[str, float]:
+    """`lr` / `min_lr` of the optimizer that saved the latest checkpoint under `root`.
+
+    megatron-core >= 0.19 matches the param groups of a loaded optimizer state to the new
+    optimizer's by their `max_lr` / `min_lr` (a KeyError when they differ), so a chained stage
+    builds its optimizer with the loaded stage's values and restarts the schedule with its own
+    after the load. Read from Bridge's run_config.yaml of that checkpoint.
+    """
+    import yaml
+
+    from prolong_nemo.convert.megatron_io import tracked_iter_dir
+
+    path = tracked_iter_dir(Path(root)) / "run_config.yaml"
+    try:
+        optimizer = (yaml.safe_load(path.read_text()) or {}).get("optimizer") or {}
+        return {"lr": float(optimizer["lr"]), "min_lr": float(optimizer["min_lr"])}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+        raise RecipeError(f"{path}: cannot read the optimizer's lr / min_lr to chain from it ({e})") from None
+
+
 # Counters of Megatron-Bridge's TrainState that the restarted stage must start from zero.
 TRAIN_STATE_COUNTERS = ("step", "consumed_train_samples", "skipped_train_samples", "consumed_valid_samples",
                         "floating_point_operations_so_far")
@@ -194,6 +215,9 @@ def bridge_sections(recipe: RecipeConfig, start: StartPoint) -> dict[str, dict[s
             train_iters=r.train.steps,
             # save on SIGTERM (Slurm preemption / time limit); Bridge 0.5 needs SignalTrapCallback for it
             exit_signal_handler=True,
+            # ... and in the data-loader workers: torchrun / Slurm signal the whole process group,
+            # and a worker that dies of the SIGTERM fails the step before the checkpoint is saved
+            exit_signal_handler_for_dataloader=True,
         ),
         "validation": dict(eval_iters=0, eval_interval=None),
         "scheduler": dict(
