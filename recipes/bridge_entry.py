@@ -8,7 +8,9 @@ plugin has this entry: recipe -> ConfigContainer -> pretrain(cfg, forward_step, 
 
 import sys
 
-from prolong_nemo.recipes.bridge import main
-
 if __name__ == "__main__":
+    # Imported here, not at the top: megatron's checkpoint writer starts helper processes with
+    # the "spawn" method, which re-imports this file, and Bridge takes tens of seconds to import.
+    from prolong_nemo.recipes.bridge import main
+
     sys.exit(main(sys.argv[1:]))

@@ -221,3 +221,26 @@ def test_exit_after_is_refused_on_the_bridge_path(bridge_machine, monkeypatch, c
     # without it the same machine starts torchrun
     monkeypatch.delenv("LOCAL_RANK")
     assert train_recipe("stage_64k", [], log=lambda _: None) == 0 and len(bridge_machine) == 1
+
+
+def test_torchrun_gives_the_sigterm_save_time_before_sigkill():
+    """torchrun forwards a SIGTERM to its ranks and SIGKILLs them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+    (30 s by default): the job environment leaves the save more, and still less than Slurm's
+    lead before the time limit. (The save itself: tests/test_bridge_pretrain.py.)"""
+    from prolong_nemo.recipes.launch import SIGTERM_LEAD_S, job_environment
+    from prolong_nemo.recipes.stages import load_recipe
+
+    env = job_environment(load_recipe("stage_64k"), {})
+    assert 30 < int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) < SIGTERM_LEAD_S
+    assert job_environment(load_recipe("stage_64k"), {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "900"})[
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "900"
+
+
+def test_entry_script_imports_nothing_heavy_when_re_imported_by_spawn():
+    """megatron's checkpoint writer starts "spawn" helpers, which run the entry file again as
+    `__mp_main__`: that must not import Bridge (tens of seconds per save on a GPU node)."""
+    import runpy
+
+    before = set(sys.modules)
+    runpy.run_path(str(REPO / "recipes" / "bridge_entry.py"), run_name="__mp_main__")
+    assert not {m for m in set(sys.modules) - before if m.startswith(("prolong_nemo.recipes.bridge", "megatron"))}

@@ -80,6 +80,14 @@ def tracked_iter_dir(root: Path) -> Path:
     return Path(root) / name
 
 
+def bridge_run_config(root: Path) -> dict[str, Any]:
+    """Bridge's run_config.yaml of the newest checkpoint in `root` (a checkpoint root with a
+    tracker file, or an iteration folder), parsed with the safe YAML loader."""
+    root = Path(root)
+    folder = tracked_iter_dir(root) if (root / TRACKER_FILE).is_file() else root
+    return yaml.safe_load((folder / RUN_CONFIG_FILE).read_text()) or {}
+
+
 # ---------------------------------------------------------------- run_config.yaml
 
 

@@ -118,14 +118,15 @@ def recorded_optimizer_lrs(root: str) -> dict[str, float]:
     """
     import yaml
 
-    from prolong_nemo.convert.megatron_io import tracked_iter_dir
+    from prolong_nemo.convert.mapping import ConversionError
+    from prolong_nemo.convert.megatron_io import bridge_run_config
 
-    path = tracked_iter_dir(Path(root)) / "run_config.yaml"
     try:
-        optimizer = (yaml.safe_load(path.read_text()) or {}).get("optimizer") or {}
+        optimizer = bridge_run_config(Path(root)).get("optimizer") or {}
         return {"lr": float(optimizer["lr"]), "min_lr": float(optimizer["min_lr"])}
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
-        raise RecipeError(f"{path}: cannot read the optimizer's lr / min_lr to chain from it ({e})") from None
+    except (ConversionError, OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+        raise RecipeError(f"{root}: cannot read the optimizer's lr / min_lr of its latest checkpoint's "
+                          f"run_config.yaml to chain from it ({e})") from None
 
 
 # Counters of Megatron-Bridge's TrainState that the restarted stage must start from zero.

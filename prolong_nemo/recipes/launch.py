@@ -62,10 +62,18 @@ def pinned_overrides(recipe: RecipeConfig, overrides: Sequence[str], *, absolute
     return [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in keys] + pinned
 
 
+# Slurm sends the job SIGTERM this long before its time limit (Bridge then saves and exits).
+SIGTERM_LEAD_S = 300
+# How long torchrun waits for its ranks after forwarding a SIGTERM before it SIGKILLs them
+# (its default is 30 s: too short for an 8B distributed-optimizer save on a shared file system).
+SAVE_ON_SIGTERM_S = 240
+
 # What every rank of a training job gets unless the recipe or the caller's environment sets it.
 JOB_ENV_DEFAULTS = {
     "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # TP/SP communication overlap ordering
     "NCCL_NVLS_ENABLE": "0",
+    # read by torchrun (torch.distributed.launcher) itself, so it must be in its environment
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SAVE_ON_SIGTERM_S),
 }
 
 
@@ -141,7 +149,7 @@ def build_executor(spec: LaunchSpec, *, ssh_host: str | None = None):
         launcher="torchrun",
         packager=run.Packager(),  # the code is in the container image: nothing to ship
         retries=1,  # one requeue after a failure; it resumes from the newest checkpoint
-        signal="TERM@300",  # SIGTERM 5 minutes before the time limit: Bridge saves, then exits
+        signal=f"TERM@{SIGTERM_LEAD_S}",  # SIGTERM before the time limit: Bridge saves, then exits
     )
 
 

@@ -282,11 +282,10 @@ def saved_optimizer_layout(root: str | None) -> tuple[int, int, bool] | None:
     if not root or not Path(root).is_dir():
         return None
     from prolong_nemo.convert.mapping import ConversionError
-    from prolong_nemo.convert.megatron_io import TRACKER_FILE, tracked_iter_dir
+    from prolong_nemo.convert.megatron_io import bridge_run_config
 
     try:
-        folder = tracked_iter_dir(Path(root)) if (Path(root) / TRACKER_FILE).is_file() else Path(root)
-        cfg = yaml.safe_load((folder / "run_config.yaml").read_text())
+        cfg = bridge_run_config(Path(root))
         model, ck = cfg["model"], cfg.get("checkpoint") or {}
         if not ck.get("save_optim") or not (cfg.get("optimizer") or {}).get("use_distributed_optimizer"):
             return None
