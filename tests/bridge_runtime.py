@@ -11,8 +11,10 @@ Nothing here is production code. What it changes, and why (every shim of the Bri
 Imports (Bridge is installed without dependencies, beside the venv; scripts/setup.sh):
 - `megatron.bridge` and `megatron.bridge.data` package `__init__`s are skipped: they import
   every model bridge / dataset builder; the training modules import what they use directly.
-- `megatron.bridge.peft.lora_layers` runs from its real source minus its one import of
-  Transformer Engine (which a CPU cannot load); its TE class is never instantiated here.
+- `megatron.bridge.peft.lora_layers` (and in 0.5.0 `megatron.bridge.peft.lora`) run from
+  their real source minus their one import of Transformer Engine (which a CPU cannot load),
+  `te` being placeholder classes (0.5.0 subclasses `te.Linear` at import); no TE class is
+  ever instantiated here.
 - `nvidia_resiliency_ext`: a stub offering `inprocess.CallWrapper` (a type annotation in
   `pretrain.py`); PyPI's release is older than megatron-core 0.19 accepts. Every other use is
   behind a try/except and stays off (no fault tolerance, no in-process restart).
@@ -31,6 +33,10 @@ CUDA (Bridge's loop calls torch.cuda directly; megatron-core's are in prolong_ne
 - `get_model(use_cpu_initialization=True)`: `pretrain` passes False, which moves the model to
   CUDA after building it.
 
+Preemption inside one launch (a spec run with "sigterm_at": N): a callback sends the rank
+SIGTERM after step N; Bridge saves and calls `sys.exit`, which ends that run only, after
+Bridge's own `destroy_global_state()` (which the exit skips), so the next run can resume.
+
 Run settings a CPU needs (everything else is the recipe's production mapping): gloo, the
 local layer spec with our THD attention, fused kernels off, a DDP bucket small enough that the
 output layer sits in a bucket of its own (as at 8B width, where it is 525M elements).
@@ -43,6 +49,7 @@ import importlib.abc
 import importlib.util
 import json
 import os
+import signal
 import sys
 import types
 from pathlib import Path
@@ -69,13 +76,14 @@ class _Placeholders(types.ModuleType):
 
 
 class _SourceWithout(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Load one module from its real source with one import line removed."""
+    """Load one module from its real source with one import line removed; `namespace` gives
+    the module names before its code runs (what the removed import would have bound)."""
 
-    def __init__(self, name: str, path: Path, line: str, replacement: str) -> None:
-        self.name, self.path = name, path
+    def __init__(self, name: str, path: Path, line: str, namespace: dict) -> None:
+        self.name, self.path, self.namespace = name, path, namespace
         source = path.read_text()
         assert line in source, f"{path} no longer has {line!r}"
-        self.source = source.replace(line, replacement)
+        self.source = source.replace(line, "")
 
     def find_spec(self, fullname, path, target=None):
         if fullname == self.name:
@@ -86,6 +94,7 @@ class _SourceWithout(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def exec_module(self, module) -> None:
+        module.__dict__.update(self.namespace)
         # annotations stay strings: the removed module's classes appear in them
         code = compile(self.source, str(self.path), "exec", flags=__future__.annotations.compiler_flag,
                        dont_inherit=True)
@@ -103,9 +112,12 @@ def install_import_shims(release: str) -> Path:
         package = types.ModuleType(name)
         package.__path__ = [str(site / "megatron" / "bridge" / sub)]
         sys.modules[name] = package
-    sys.meta_path.insert(0, _SourceWithout(
-        "megatron.bridge.peft.lora_layers", site / "megatron/bridge/peft/lora_layers.py",
-        "import transformer_engine.pytorch as te\n", "te = None\n"))
+    te_import = "import transformer_engine.pytorch as te\n"
+    for name in ("megatron.bridge.peft.lora_layers", "megatron.bridge.peft.lora"):
+        path = site / (name.replace(".", "/") + ".py")
+        if te_import in path.read_text():  # lora.py imports TE in 0.5.0 only
+            te = _Placeholders("transformer_engine.pytorch")
+            sys.meta_path.insert(0, _SourceWithout(name, path, te_import, namespace={"te": te}))
     energon = _Placeholders("megatron.bridge.data.builders.energon")
     energon.__path__ = []
     sys.modules[energon.__name__] = energon
@@ -210,7 +222,22 @@ def _recorder(path: str):
     return LossRecorder()
 
 
-def run(recipe_name: str, overrides: list[str], metrics: str) -> None:
+def _sigterm_at(step: int):
+    """A Bridge callback sending this rank SIGTERM after `step`, as torchrun forwards a Slurm
+    SIGTERM to every rank: the rank's trap (Bridge's, or SignalTrapCallback's) must catch it."""
+    from megatron.bridge.training.callbacks import Callback
+
+    class Preempt(Callback):
+        def on_train_step_end(self, context) -> None:
+            if context.state.train_state.step + 1 == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return Preempt()
+
+
+def run(recipe_name: str, overrides: list[str], metrics: str, sigterm_at: int | None = None) -> None:
+    """One `pretrain()`; with `sigterm_at`, the run must save and exit on that SIGTERM."""
+    from megatron.bridge.training.initialize import destroy_global_state
     from megatron.bridge.training.pretrain import pretrain
 
     from prolong_nemo.recipes.bridge import build_config_container, callbacks_for
@@ -223,7 +250,17 @@ def run(recipe_name: str, overrides: list[str], metrics: str) -> None:
     cfg = build_config_container(recipe, start)
     cpu_settings(cfg)
     step = make_forward_step(StepOptions(recipe.loss.impl, recipe.loss.chunk_tokens, partition_for_cp=True))
-    pretrain(cfg, step, callbacks=[*callbacks_for(recipe, start), _recorder(metrics)])
+    callbacks = [*callbacks_for(recipe, start), _recorder(metrics)]
+    if sigterm_at is None:
+        pretrain(cfg, step, callbacks=callbacks)
+        return
+    try:
+        pretrain(cfg, step, callbacks=[*callbacks, _sigterm_at(sigterm_at)])
+    except SystemExit as stop:  # Bridge's exit after the SIGTERM save: the job would end here
+        print(f"pretrain exited ({stop.code}) after SIGTERM at step {sigterm_at}", flush=True)
+        destroy_global_state()  # what a normal end does (the exit skips it); the next run starts clean
+    else:
+        raise AssertionError(f"SIGTERM at step {sigterm_at} did not stop the run")
 
 
 def main(spec_path: str) -> None:
@@ -236,7 +273,7 @@ def main(spec_path: str) -> None:
     # runs (a stage chain) share one process.
     torch.distributed.init_process_group("gloo")
     for item in spec["runs"]:
-        run(item["recipe"], item["overrides"], item["metrics"])
+        run(item["recipe"], item["overrides"], item["metrics"], item.get("sigterm_at"))
     if os.environ.get("RANK", "0") == "0":
         Path(spec_path).with_suffix(".done").write_text("ok\n")
 

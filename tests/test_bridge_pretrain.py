@@ -6,13 +6,16 @@ step and our callbacks; megatron-core's DistributedDataParallel, DistributedOpti
 schedules and dist checkpointing. The shims that make it run on a CPU, each with its reason:
 tests/bridge_runtime.py.
 
-Three torchrun launches share the module (about 2 minutes on 2 cores):
+Four torchrun launches share the module (about 3 minutes on 2 cores):
 - `reference`: stage_64k_cpu for 8 steps uninterrupted (DP=2), then the 64K -> 512K chain
   (weights + Adam state, fresh schedule), SFT from the 512K weights, and stage_64k_cpu again
   with CP=2;
 - `preempted`: the same 64K stage with 2 data-loader workers per rank, SIGTERM to torchrun
   mid-run, as Slurm / torchrun stop a job;
-- `resumed`: the same command again, which resumes from the checkpoint the SIGTERM left.
+- `resumed`: the same command again, which resumes from the checkpoint the SIGTERM left;
+- `bridge05`: Megatron-Bridge 0.5.0 (NGC NeMo 26.06) on megatron-core 0.18.2, one launch of
+  three runs: stage_64k_cpu for 6 steps uninterrupted, the same with SIGTERM to each rank after
+  step 3 (0.5.0 saves on it only through our SignalTrapCallback), and the same again, resuming.
 """
 
 from __future__ import annotations
@@ -74,10 +77,10 @@ def _env(root: Path, runs: str) -> dict[str, str]:
     return job_environment(load_recipe("stage_64k_cpu"), base)
 
 
-def _launch(root: Path, name: str, runs: list[dict], runs_dir: str):
+def _launch(root: Path, name: str, runs: list[dict], runs_dir: str, bridge: str = BRIDGE):
     """Start `torchrun --nproc-per-node 2 tests/bridge_runtime.py SPEC` in its own session."""
     spec = root / f"{name}.json"
-    spec.write_text(json.dumps({"bridge": BRIDGE, "runs": runs}))
+    spec.write_text(json.dumps({"bridge": bridge, "runs": runs}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
            str(REPO / "tests" / "bridge_runtime.py"), str(spec)]
     log = open(root / f"{name}.log", "w")
@@ -194,4 +197,47 @@ def test_sigterm_saves_a_complete_checkpoint_and_the_resumed_run_matches(preempt
     assert sorted(after) == list(range(step + 1, STEPS + 1))
     uninterrupted = reference["64k"]
     for s, loss in {**before, **after}.items():
+        assert abs(loss - uninterrupted[s]) <= 1e-6, (s, loss, uninterrupted[s])
+
+
+# Bridge 0.5.0 runs on megatron-core 0.18.2 (bridge_runtime.RELEASES): both beside the venv.
+BRIDGE_05_FOLDERS = ("bridge05", "mcore018")
+BRIDGE_05_STEPS, BRIDGE_05_SIGTERM = 6, 3
+
+
+@pytest.fixture(scope="module")
+def bridge05(workspace):
+    missing = [f for f in BRIDGE_05_FOLDERS if not (REPO / ".venv" / "extras" / f).is_dir()]
+    if missing:
+        pytest.skip(f"Megatron-Bridge 0.5.0 side folders missing: {', '.join(missing)} under .venv/extras")
+    m = workspace / "metrics"
+    m.mkdir(exist_ok=True)
+    stage = (f"train.steps={BRIDGE_05_STEPS}", "checkpoint.save_interval=100")
+    runs = [_run("stage_64k_cpu", m / "b05_ref.jsonl", *stage, f"checkpoint.dir={workspace / 'b05_ref'}"),
+            {**_run("stage_64k_cpu", m / "b05_preempted.jsonl", *stage), "sigterm_at": BRIDGE_05_SIGTERM},
+            _run("stage_64k_cpu", m / "b05_resumed.jsonl", *stage)]
+    proc = _launch(workspace, "bridge05", runs, "b05", bridge="0.5.0")
+    assert _wait(proc, workspace, "bridge05") == 0, _tail(workspace, "bridge05")
+    return {name: _losses(m / f"b05_{name}.jsonl") for name in ("ref", "preempted", "resumed")}
+
+
+def test_bridge_05_production_settings_train_past_iteration_3(bridge05):
+    losses = bridge05["ref"]
+    assert sorted(losses) == list(range(1, BRIDGE_05_STEPS + 1))
+    assert all(np.isfinite(v) and 5.0 < v < 7.0 for v in losses.values())
+
+
+def test_bridge_05_sigterm_saves_and_the_resumed_run_matches(bridge05, workspace):
+    """Bridge 0.5 builds its SIGTERM trap without installing it: without our SignalTrapCallback
+    the signal kills the ranks and the launch fails."""
+    assert sorted(bridge05["preempted"]) == list(range(1, BRIDGE_05_SIGTERM + 1))
+    ckpt = workspace / "b05" / "stage_64k_cpu" / "checkpoints"
+    assert (ckpt / f"iter_{BRIDGE_05_SIGTERM:07d}").is_dir(), _tail(workspace, "bridge05")
+    log = (workspace / "bridge05.log").read_text().splitlines()
+    assert any(f"successfully loaded checkpoint from {ckpt} " in line and line.endswith(f"at iteration {BRIDGE_05_SIGTERM}")
+               for line in log), _tail(workspace, "bridge05")
+    assert sorted(bridge05["resumed"]) == list(range(BRIDGE_05_SIGTERM + 1, BRIDGE_05_STEPS + 1))
+    assert _checkpoint_complete(ckpt) == BRIDGE_05_STEPS  # the resumed run's final save
+    uninterrupted = bridge05["ref"]
+    for s, loss in {**bridge05["preempted"], **bridge05["resumed"]}.items():
         assert abs(loss - uninterrupted[s]) <= 1e-6, (s, loss, uninterrupted[s])
