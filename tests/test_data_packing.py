@@ -166,3 +166,33 @@ def test_rows_partition_across_cp_ranks_without_loss(config):
             assert len(idx) % config.tp_size == 0  # sequence parallelism splits each rank's tokens by TP
         seen[idx] += 1
     assert (seen == 1).all()
+
+
+# ---- masks are unsigned; a target is `mask != 0` with weight 1 (issue 13, item 7) -------------
+
+def test_signed_and_float_masks_are_refused():
+    from prolong_nemo.errors import DataError
+
+    ids = np.arange(1, 9, dtype=np.uint32)
+    indices = np.array([[0, 8]], dtype=np.uint32)
+    for mask in (np.array([0, 1, -1, 1, 0, 1, 1, 1], dtype=np.int8), np.ones(8, dtype=np.float32)):
+        with pytest.raises(DataError, match=rf"shard.mds sample 3: mask must be unsigned integers "
+                                            rf"\(target = mask != 0\), got {mask.dtype}"):
+            build_row(ids, indices, mask, where="shard.mds sample 3")
+    with pytest.raises(DataError, match="mask must be unsigned"):  # even where the stage ignores masks
+        build_row(ids, indices, mask, PackingConfig(instruction_masks=False))
+
+
+@pytest.mark.parametrize("big", [np.uint32(4_000_000_000), np.uint8(2), np.uint16(256)], ids=repr)
+def test_loss_mask_is_exactly_0_or_1_for_any_nonzero_mask(big):
+    rng = np.random.default_rng(7)
+    ids, indices = random_documents(rng, 256, max_docs=6)
+    on = rng.random(256) < 0.5
+    mask = np.where(on, big, 0).astype(big.dtype)
+    row = build_row(ids, indices, mask, PackingConfig(cp_size=2))
+    assert set(np.unique(row["loss_mask"]).tolist()) <= {0.0, 1.0}
+    want = sum(int(on[a + 1:b].sum()) for a, b in indices.astype(int).tolist() if b - a > 1)
+    assert int(row["loss_mask"].sum()) == want > 0  # the token count: one per target, no overflow
+    same = build_row(ids, indices, on.astype(np.uint8), PackingConfig(cp_size=2))
+    for key in ("tokens", "labels", "loss_mask"):
+        np.testing.assert_array_equal(row[key], same[key])

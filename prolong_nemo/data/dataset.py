@@ -95,7 +95,8 @@ class ProLongDomainDataset(MegatronDataset):
         if len(sample.input_ids) > self.config.sequence_length:
             raise DataError(f"{self.dataset_path}: sample {sample_idx} has {len(sample.input_ids)} tokens, "
                             f"more than the stage's sequence_length {self.config.sequence_length}")
-        return build_row(sample.input_ids, sample.indices, sample.mask, self.config.packing)
+        return build_row(sample.input_ids, sample.indices, sample.mask, self.config.packing,
+                         where=f"{self.dataset_path}: sample {sample_idx}")
 
 
 def dataset_config(mixture: Mixture, *, sequence_length: int, seed: int = 42, split: str = "100,0,0",

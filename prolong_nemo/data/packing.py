@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from prolong_nemo.errors import DataError
+
 PAD_TOKEN_ID = 0  # any valid id: padding never becomes a target and nothing attends to it
+# Warn when more than this share of a domain's tokens lies in no document of `indices`: those
+# tokens are never fed, so the data trains less than it seems (e.g. indices covering 22 of 512).
+UNCOVERED_WARN_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,27 @@ def document_segments(length: int, indices: np.ndarray | None, document_masking:
     return starts[keep], ends[keep]
 
 
+def uncovered_tokens(length: int, indices: np.ndarray | None) -> int:
+    """Tokens of a sample that no document of `indices` covers (none without indices: one document)."""
+    if indices is None or len(indices) == 0:
+        return 0
+    idx = np.asarray(indices, dtype=np.int64)
+    covered = np.zeros(length + 1, dtype=np.int64)
+    np.add.at(covered, np.clip(idx[:, 0], 0, length), 1)
+    np.add.at(covered, np.clip(idx[:, 1], 0, length), -1)
+    return int((np.cumsum(covered)[:-1] <= 0).sum())
+
+
+def check_mask(mask: np.ndarray | None, where: str) -> None:
+    """Masks are unsigned integers (or bool): a target is ``mask != 0`` with loss weight 1.
+
+    Signed or float masks are refused: an int8 -1 used as a weight meant gradient ascent.
+    """
+    if mask is not None and np.asarray(mask).dtype.kind not in "ub":
+        raise DataError(f"{where}: mask must be unsigned integers (target = mask != 0), "
+                        f"got {np.asarray(mask).dtype}")
+
+
 def padded_lengths(lengths: np.ndarray, config: PackingConfig) -> np.ndarray:
     """Tail-pad each segment to the CP multiple; the last one also absorbs the row multiple."""
     m = config.segment_multiple
@@ -89,8 +115,13 @@ def build_row(
     indices: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     config: PackingConfig = PackingConfig(),
+    where: str = "sample",
 ) -> dict[str, np.ndarray]:
-    """Turn one validated sample into the row arrays of docs/batch-contract.md (no batch axis)."""
+    """Turn one validated sample into the row arrays of docs/batch-contract.md (no batch axis).
+
+    ``where`` names the sample in errors (a signed or float ``mask`` is refused).
+    """
+    check_mask(mask, where)
     starts, ends = document_segments(len(input_ids), indices, config.document_masking)
     if not config.instruction_masks:
         mask = None
@@ -111,7 +142,9 @@ def build_row(
         n = b - a
         tokens[o:o + n] = input_ids[a:b]
         labels[o:o + n - 1] = input_ids[a + 1:b]  # the next token of the same document
-        loss_mask[o:o + n - 1] = 1 if mask is None else mask[a + 1:b]  # weight of each target
+        # A target is an assistant next token (mask != 0), always with weight 1: never the mask
+        # value itself (a mask of 2 or 4e9 would scale the loss and overflow the token count).
+        loss_mask[o:o + n - 1] = 1 if mask is None else mask[a + 1:b] != 0
         position_ids[o:o + p] = ramp[:p]
     if mask is not None:
         labels[loss_mask == 0] = 0
