@@ -19,6 +19,7 @@ from functools import cached_property
 import numpy as np
 from streaming.base.format import reader_from_json
 from streaming.base.format.mds.reader import MDSReader
+from streaming.base.hashing import get_hash, is_hash
 from streaming.base.storage.download import CloudDownloader
 
 from prolong_nemo.errors import DataError
@@ -27,6 +28,9 @@ LLAMA3_VOCAB_SIZE = 128256
 INDEX_FILE = "index.json"
 REQUIRED_COLUMNS = ("input_ids",)
 INTEGER_ARRAY = "ndarray:"  # column encodings look like "ndarray:uint32"
+# The only column encodings decoded: our writers' (PACKED_COLUMNS, MASK_COLUMN, tokenize's RAW_COLUMNS).
+# Anything else (``pkl`` runs code when decoded; images go through PIL) is refused before any read.
+SAFE_ENCODINGS = ("int", "str")
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,14 @@ class MdsDomain:
             if not cache_dir:
                 raise DataError(f"{self.path}: a remote domain needs a local cache_dir")
             self.local = os.path.join(cache_dir, _cache_name(self.path))
+            if not _inside(self.local, cache_dir):
+                raise DataError(f"{self.path}: the cache folder {self.local} would leave cache_dir {cache_dir}")
         else:
             self.local = self.path
             if not os.path.isdir(self.path):
                 raise DataError(f"{self.path}: domain folder does not exist")
         self.shards = self._load_shards()
+        self._verified: set[int] = set()
         self._offsets = np.concatenate([[0], np.cumsum([s.samples for s in self.shards])]).tolist()
         if self.num_samples == 0:
             raise DataError(f"{self.path}: domain is empty (index.json lists no samples)")
@@ -77,7 +84,33 @@ class MdsDomain:
             infos = obj["shards"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{index}: invalid MDS index ({e.__class__.__name__}: {e})") from None
-        return [self._reader(info, i) for i, info in enumerate(infos)]
+        readers = [self._reader(info, i) for i, info in enumerate(infos)]
+        seen: dict[str, str] = {}
+        for reader in readers:
+            basename = reader.raw_data.basename
+            self._check_basename(index, basename)
+            key = os.path.normpath(basename)
+            if key in seen:
+                raise DataError(f"{index}: shard basename {basename!r} is listed twice (first as {seen[key]!r}): "
+                                "its samples would be read twice")
+            seen[key] = basename
+            self._check_encodings(index, reader)
+        return readers
+
+    def _check_basename(self, index: str, basename: str) -> None:
+        """A shard file must lie inside the domain folder (and, for a remote domain, inside the cache)."""
+        if not isinstance(basename, str) or not basename:
+            raise DataError(f"{index}: shard basename {basename!r} is not a file name")
+        if os.path.isabs(basename) or urllib.parse.urlparse(basename).scheme:
+            raise DataError(f"{index}: shard basename {basename!r} is absolute; shards must lie in the domain folder")
+        if not _inside(os.path.join(self.local, basename), self.local):
+            raise DataError(f"{index}: shard basename {basename!r} points outside the domain folder {self.path}")
+
+    def _check_encodings(self, index: str, reader: MDSReader) -> None:
+        for name, enc in zip(reader.column_names, reader.column_encodings):
+            if not (enc in SAFE_ENCODINGS or enc == "ndarray" or str(enc).startswith(INTEGER_ARRAY)):
+                raise DataError(f"{index}: shard {reader.raw_data.basename}: column {name!r} has encoding {enc!r}; "
+                                f"only ndarray, {', '.join(SAFE_ENCODINGS)} columns are read (ProLong's format)")
 
     def _reader(self, info: dict, shard_id: int) -> MDSReader:
         where = f"{self.path}: shard #{shard_id}"
@@ -114,16 +147,47 @@ class MdsDomain:
         return set().union(*(s.column_names for s in self.shards))
 
     def locate(self, idx: int) -> tuple[MDSReader, int]:
+        shard_id = self._shard_id(idx)
+        return self.shards[shard_id], idx - self._offsets[shard_id]
+
+    def _shard_id(self, idx: int) -> int:
         if not 0 <= idx < self.num_samples:
             raise IndexError(f"{self.path}: sample {idx} out of range [0, {self.num_samples})")
-        shard_id = bisect.bisect_right(self._offsets, idx) - 1
-        return self.shards[shard_id], idx - self._offsets[shard_id]
+        return bisect.bisect_right(self._offsets, idx) - 1
+
+    def _verify(self, shard_id: int) -> None:
+        """Once per shard, before its first sample is decoded: the file is the one index.json describes."""
+        if shard_id in self._verified:
+            return
+        reader = self.shards[shard_id]
+        filename = os.path.join(self.local, reader.raw_data.basename)
+        if not os.path.isfile(filename):
+            return  # reported by the read, naming the sample
+        where = f"{self.path}/{reader.raw_data.basename}"
+        size = os.path.getsize(filename)
+        if size != reader.raw_data.bytes:
+            raise DataError(f"{where}: file has {size} bytes but {INDEX_FILE} lists {reader.raw_data.bytes} "
+                            "(truncated, appended to or replaced)")
+        with open(filename, "rb") as f:
+            data = f.read() if reader.raw_data.hashes else f.read(4)
+        held = int(np.frombuffer(data[:4], np.uint32)[0]) if len(data) >= 4 else 0
+        if held != reader.samples:
+            raise DataError(f"{where}: holds {held} samples but {INDEX_FILE} lists {reader.samples}")
+        for algo, expected in (reader.raw_data.hashes or {}).items():
+            if not is_hash(algo):
+                raise DataError(f"{where}: {INDEX_FILE} lists a hash of unknown algorithm {algo!r}")
+            actual = get_hash(algo, data)
+            if actual != expected:
+                raise DataError(f"{where}: {algo} {actual} does not match {INDEX_FILE}'s {expected} (corrupted shard)")
+        self._verified.add(shard_id)
 
     # ---- samples ---------------------------------------------------------------------------
     def __getitem__(self, idx: int) -> Sample:
-        reader, local_idx = self.locate(int(idx))
+        shard_id = self._shard_id(int(idx))
+        reader, local_idx = self.shards[shard_id], int(idx) - self._offsets[shard_id]
         where = f"{self.path}/{reader.raw_data.basename}: sample {local_idx} (domain sample {idx})"
         self._fetch(reader.raw_data.basename)
+        self._verify(shard_id)
         try:
             raw = reader.get_item(local_idx)
         except Exception as e:
@@ -211,6 +275,12 @@ def _describe(value) -> str:
     if isinstance(value, np.ndarray):
         return f"array of {value.dtype} with shape {value.shape}"
     return type(value).__name__
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` resolves (``..`` and symlinks) to ``folder`` or below it."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _cache_name(remote: str) -> str:

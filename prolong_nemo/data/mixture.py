@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,13 +31,17 @@ class Mixture:
     def __post_init__(self) -> None:
         if not self.domains:
             raise DataError("mixture has no domains")
-        seen: set[str] = set()
+        seen: dict[str, str] = {}  # resolved folder -> the spelling first listed
         for d in self.domains:
             if not isinstance(d.proportion, (int, float)) or not math.isfinite(d.proportion) or d.proportion < 0:
                 raise DataError(f"{d.path}: proportion must be a finite number >= 0, got {d.proportion!r}")
-            if d.path in seen:
+            first = seen.get(_resolved(d.path))
+            if first == d.path:
                 raise DataError(f"{d.path}: domain listed twice in the mixture")
-            seen.add(d.path)
+            if first is not None:
+                raise DataError(f"{first} and {d.path} are the same domain folder: listed twice in the mixture "
+                                "(its samples would be trained on twice)")
+            seen[_resolved(d.path)] = d.path
         if sum(d.proportion for d in self.domains) <= 0:
             raise DataError("mixture proportions are all zero: nothing to sample")
 
@@ -74,6 +80,14 @@ class Mixture:
         """Megatron's ``blend``: (paths, normalized weights); no weights for a single domain."""
         paths = [d.path for d in self.active]
         return (paths, None) if len(paths) == 1 else (paths, self.weights)
+
+
+def _resolved(path: str) -> str:
+    """One spelling per folder: ``d/good``, ``d/good/``, ``./d/good`` and its absolute path agree."""
+    if is_remote(path):
+        url = urllib.parse.urlparse(path)
+        return f"{url.scheme.lower()}://{url.netloc}{posixpath.normpath('/' + url.path.lstrip('/'))}"
+    return os.path.realpath(path)
 
 
 def _pair(item) -> tuple[str, float]:
