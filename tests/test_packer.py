@@ -299,3 +299,88 @@ def test_megatron_mixture_over_packed_subsets(tmp_path):
         assert int(batch["loss_mask"].sum()) == sum(b - a - 1 for a, b in real)
         assert sorted(batch["tokens"][0][batch["tokens"][0] != 0].tolist()) == sorted(
             t for a, b in real for t in packed.input_ids[a:b].tolist() if t != 0)
+
+
+# ---- hostile / careless inputs (issue 13, items 4, 6, 7) -------------------------------------
+
+def write_raw_columns(folder, samples, columns):
+    """Raw MDS documents with the given column encodings (e.g. int64 ids, an int8 mask)."""
+    with MDSWriter(out=str(folder), columns=columns, compression=None) as writer:
+        for sample in samples:
+            writer.write(sample)
+
+
+def files_under(root):
+    return {p for p in Path(root).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("bad_domain", ["../../escaped", "ABS", "..", ".", "a/b", ""])
+def test_split_by_domain_refuses_unsafe_domain_and_writes_nothing_outside_output(tmp_path, bad_domain):
+    from prolong_nemo.errors import DataError
+
+    if bad_domain == "ABS":
+        bad_domain = str(tmp_path / "abs" / "escaped")
+    docs = [Document(np.arange(1, 40, dtype=np.uint32), "good"),
+            Document(np.arange(1, 40, dtype=np.uint32), bad_domain)]
+    write_raw(tmp_path / "raw", docs)
+    out = tmp_path / "deep" / "er" / "out"
+    before = files_under(tmp_path)
+    with pytest.raises(DataError, match=r"raw sample 1: domain .* is not one safe path component") as err:
+        pack_mds([tmp_path / "raw"], out, PackOptions(pack_length=8, split_by_domain=True), progress=False)
+    assert repr(bad_domain) in str(err.value) and "\n" not in str(err.value)
+    assert files_under(tmp_path) == before  # nothing written anywhere, inside -o or outside it
+    assert not (tmp_path / "abs").exists() and not (tmp_path / "escaped").exists()
+    # the same data without splitting by domain is fine: the domain is then only a column value
+    pack_mds([tmp_path / "raw"], out, PackOptions(pack_length=8), progress=False)
+    assert {p.parent for p in files_under(tmp_path) - before} == {out}
+
+
+@pytest.mark.parametrize("encoding, ids, message", [
+    ("ndarray:int64", np.array([5, -1, 7], dtype=np.int64), r"token id -1 at position 1 is outside \[0, 4294967296\)"),
+    ("ndarray:int64", np.array([5, 1 << 32, 7], dtype=np.int64), r"token id 4294967296 at position 1"),
+    ("ndarray:float32", np.array([5, 1.5, 7], dtype=np.float32), r"input_ids must be integers, got float32"),
+    ("ndarray:uint32", np.array([5, 128256, 7], dtype=np.uint32), r"token id 128256 at position 1 is outside \[0, 128256\)"),
+])
+def test_pack_refuses_token_ids_that_do_not_fit(tmp_path, encoding, ids, message):
+    from prolong_nemo.errors import DataError
+
+    good = {"input_ids": np.array([1, 2, 3], dtype=ids.dtype), "length": 3, "domain": "a"}
+    write_raw_columns(tmp_path / "raw", [good, {"input_ids": ids, "length": 3, "domain": "a"}],
+                      dict(RAW_COLUMNS, input_ids=encoding))
+    opts = PackOptions(pack_length=4, **({"vocab_size": 128256} if "128256" in message else {}))
+    bad = 0 if ids.dtype.kind == "f" else 1  # a float column holds floats in every sample: the first is refused
+    with pytest.raises(DataError, match=rf"raw sample {bad}: {message}") as err:
+        pack_mds([tmp_path / "raw"], tmp_path / "out", opts, progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_pack_cli_checks_the_vocabulary(tmp_path, capsys):
+    write_raw(tmp_path / "raw", [Document(np.array([1, 2, 128300], dtype=np.uint32), "a")])
+    assert cli_main(["data", "pack", str(tmp_path / "raw"), "-o", str(tmp_path / "o1"), "-l", "2", "-T", "llama3",
+                     "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'raw'} sample 0: token id 128300 at position 2 is "
+                                       "outside [0, 128256)\n")
+    assert cli_main(["data", "pack", str(tmp_path / "raw"), "-o", str(tmp_path / "o2"), "-l", "2",
+                     "--vocab-size", "1000", "--no-progress"]) == 2
+    assert "token id 128300 at position 2 is outside [0, 1000)" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    with pytest.raises(ValueError, match=r"BOS id 128000 is outside the vocabulary \[0, 1000\)"):
+        PackOptions(pack_length=2, bos_id=BOS, vocab_size=1000)
+
+
+@pytest.mark.parametrize("encoding, mask, message", [
+    ("ndarray:uint16", np.array([0, 256, 1], dtype=np.uint16), r"mask value 256 at position 1 does not fit uint8"),
+    ("ndarray:int8", np.array([0, -1, 1], dtype=np.int8), r"mask must be unsigned integers \(target = mask != 0\), got int8"),
+    ("ndarray:float32", np.array([0, 0.5, 1], dtype=np.float32), r"mask must be unsigned integers .*got float32"),
+])
+def test_pack_refuses_masks_that_do_not_fit(tmp_path, encoding, mask, message):
+    from prolong_nemo.errors import DataError
+
+    columns = dict(RAW_COLUMNS, mask=encoding)
+    good = {"input_ids": np.array([1, 2, 3], dtype=np.uint32), "length": 3, "domain": "a",
+            "mask": np.array([0, 1, 1], dtype=mask.dtype)}
+    write_raw_columns(tmp_path / "raw", [good, dict(good, mask=mask)], columns)
+    bad = 1 if mask.dtype.kind == "u" else 0  # a signed / float column: every sample is, the first is refused
+    with pytest.raises(DataError, match=rf"raw sample {bad}: {message}") as err:
+        pack_mds([tmp_path / "raw"], tmp_path / "out", PackOptions(pack_length=4), progress=False)
+    assert "\n" not in str(err.value)

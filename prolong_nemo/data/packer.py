@@ -24,7 +24,10 @@ are skipped instead of producing zero-length segments; the instruction ``mask`` 
 BOS/EOS/middle token is 0 (the reference writes the token id into the mask column); every dropped
 token is counted in :class:`PackStats` instead of disappearing silently; with both
 ``split_by_domain`` and ``split_lengths`` every (domain, chunk length) subset has its own buffer
-(the reference keys its split buffers by chunk length only, mixing domains in one sample).
+(the reference keys its split buffers by chunk length only, mixing domains in one sample); token
+ids, masks and (with ``split_by_domain``) domain names are checked before use, never cast or
+joined blindly: ids must be integers below the vocabulary (or 2**32), masks unsigned below 256,
+a domain one plain folder name.
 """
 
 from __future__ import annotations
@@ -39,11 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
-from prolong_nemo.data.mds import MASK_COLUMN, PACKED_COLUMNS, SHARD_SIZE_LIMIT, prepare_output_dir
+from prolong_nemo.data.mds import LLAMA3_VOCAB_SIZE, MASK_COLUMN, PACKED_COLUMNS, SHARD_SIZE_LIMIT, prepare_output_dir
+from prolong_nemo.data.packing import check_mask
 from prolong_nemo.errors import DataError, UserError
 
 LLAMA3_BOS_ID = 128000
 LLAMA3_EOS_ID = 128001
+UINT32_LIMIT = 1 << 32  # token ids and indices are written as uint32
+UINT8_LIMIT = 1 << 8  # masks are written as uint8
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class PackOptions:
     mos_id: int | None = None  # prepended to every continuation (carried tail, later chunk)
     split_by_domain: bool = False  # one output subset per input `domain` (reference split_by_column)
     domain: str | None = None  # value of the `domain` column; default: subset path or input domain
+    vocab_size: int | None = None  # token ids must be below this (None: below 2**32, the uint32 range)
 
     def __post_init__(self) -> None:
         if self.pack_length < 1:
@@ -67,6 +74,16 @@ class PackOptions:
             raise UserError(f"min_length must be >= 1, got {self.min_length}")
         if any(n < 1 for n in self.split_lengths):
             raise UserError(f"split lengths must be >= 1, got {self.split_lengths}")
+        if self.vocab_size is not None and not 1 <= self.vocab_size <= UINT32_LIMIT:
+            raise UserError(f"vocab_size must be in [1, {UINT32_LIMIT}], got {self.vocab_size}")
+        for name, token in (("BOS", self.bos_id), ("EOS", self.eos_id), ("middle", self.mos_id)):
+            if token is not None and not 0 <= token < self.token_limit:
+                raise UserError(f"{name} id {token} is outside the vocabulary [0, {self.token_limit})")
+
+    @property
+    def token_limit(self) -> int:
+        """Token ids must be below this: the vocabulary size where known, else the uint32 range."""
+        return UINT32_LIMIT if self.vocab_size is None else self.vocab_size
 
     @property
     def sorted_split_lengths(self) -> tuple[int, ...]:
@@ -77,9 +94,10 @@ class PackOptions:
 class Document:
     """One raw (unpacked) document: token ids without BOS/EOS, optional instruction mask."""
 
-    input_ids: np.ndarray  # uint32
+    input_ids: np.ndarray  # integer token ids, checked (and cast to uint32) by the Packer
     domain: str
-    mask: np.ndarray | None = None  # uint8, same length
+    mask: np.ndarray | None = None  # unsigned integers (values < 256), same length
+    source: str = ""  # names the document in errors, e.g. "<mds folder> sample <i>"
 
 
 @dataclass
@@ -248,20 +266,24 @@ class Packer:
         return self.buffers[subset]
 
     def add(self, doc: Document) -> Iterator[tuple[str, PackedSample]]:
+        where = doc.source or f"document {self.stats.documents_in}"
         if self.with_mask is None:
             self.with_mask = doc.mask is not None
         if self.with_mask != (doc.mask is not None):
-            raise DataError(f"document {self.stats.documents_in} (domain {doc.domain!r}) "
+            raise DataError(f"{where} (domain {doc.domain!r}) "
                              f"{'lacks' if self.with_mask else 'has'} a mask unlike the first document")
         if doc.mask is not None and len(doc.mask) != len(doc.input_ids):
-            raise DataError(f"document {self.stats.documents_in}: mask length {len(doc.mask)} != "
-                             f"{len(doc.input_ids)} tokens")
+            raise DataError(f"{where}: mask length {len(doc.mask)} != {len(doc.input_ids)} tokens")
+        ids = checked_token_ids(doc.input_ids, self.options.token_limit, where)
+        mask = None if doc.mask is None else checked_mask(doc.mask, where)
+        if self.options.split_by_domain:
+            check_path_component(doc.domain, where)
         self.stats.documents_in += 1
-        self.stats.tokens_in += len(doc.input_ids)
-        if len(doc.input_ids) == 0:
+        self.stats.tokens_in += len(ids)
+        if len(ids) == 0:
             self.stats.empty_documents += 1
             return
-        seg = Segment(np.asarray(doc.input_ids, dtype=np.uint32), doc.mask, doc.domain)
+        seg = Segment(ids, mask, doc.domain)
         seg = self._wrap(seg)
         base = doc.domain if self.options.split_by_domain else ""
         if not self.options.split_lengths:
@@ -296,6 +318,47 @@ class Packer:
         for buf in self.buffers.values():
             buf.finish()
         return self.stats
+
+
+def checked_token_ids(ids, limit: int, where: str) -> np.ndarray:
+    """`ids` as uint32 after checking they are integers in [0, limit): a cast never changes a token."""
+    ids = np.asarray(ids).reshape(-1)
+    if ids.dtype.kind not in "iu":
+        raise DataError(f"{where}: input_ids must be integers, got {ids.dtype}")
+    if len(ids):
+        # widen before comparing: every signed value fits int64, every unsigned one uint64
+        wide = ids.astype(np.int64 if ids.dtype.kind == "i" else np.uint64)
+        bad = np.flatnonzero((wide < 0) | (wide >= limit))
+        if len(bad):
+            raise DataError(f"{where}: token id {int(ids[bad[0]])} at position {int(bad[0])} is outside "
+                            f"[0, {limit})")
+    return ids.astype(np.uint32, copy=False)
+
+
+def checked_mask(mask, where: str) -> np.ndarray:
+    """`mask` as uint8 after checking it is unsigned (or bool) with values below 256.
+
+    Values are kept as they are (a target is `mask != 0`, docs/batch-contract.md); one that does
+    not fit uint8 is refused rather than wrapped (256 would silently become 0, "not a target").
+    """
+    mask = np.asarray(mask).reshape(-1)
+    check_mask(mask, where)
+    bad = np.flatnonzero(mask >= UINT8_LIMIT) if mask.dtype.kind == "u" else ()
+    if len(bad):
+        raise DataError(f"{where}: mask value {int(mask[bad[0]])} at position {int(bad[0])} does not fit uint8")
+    return mask.astype(np.uint8, copy=False)
+
+
+def check_path_component(domain: str, where: str) -> None:
+    """With split_by_domain the `domain` value names an output folder: it must be one plain name.
+
+    Refused, not sanitized: a mapping such as "../x" -> "x" could merge two domains into one
+    folder or write where nobody looks; refusing loses nothing silently. Refused: empty, "." and
+    "..", anything with a path separator (so no absolute path), and NUL.
+    """
+    if not domain or domain in (".", "..") or any(c in domain for c in ("/", "\\", "\0")):
+        raise DataError(f"{where}: domain {domain!r} is not one safe path component (an output folder "
+                        "name under --split-by-domain); rename the domain or pack without splitting")
 
 
 def pack_documents(docs: Iterable[Document], options: PackOptions) -> tuple[list[tuple[str, PackedSample]], PackStats]:
@@ -347,15 +410,17 @@ def iter_raw_documents(mds_dirs: Sequence[Path]) -> Iterator[Document]:
 
 
 def _to_document(sample: dict, mds_dir: Path, i: int) -> Document:
-    ids = np.asarray(sample["input_ids"], dtype=np.uint32).reshape(-1)
+    # No cast here: the Packer checks dtype kind and range (and the vocabulary) before casting.
+    where = f"{mds_dir} sample {i}"
+    ids = np.asarray(sample["input_ids"]).reshape(-1)
     if "length" in sample and int(sample["length"]) != len(ids):
-        raise DataError(f"{mds_dir} sample {i}: length {sample['length']} != len(input_ids) {len(ids)}")
+        raise DataError(f"{where}: length {sample['length']} != len(input_ids) {len(ids)}")
     mask = sample.get("mask")
     if mask is not None:
-        mask = np.asarray(mask, dtype=np.uint8).reshape(-1)
+        mask = np.asarray(mask).reshape(-1)
         if len(mask) != len(ids):
-            raise DataError(f"{mds_dir} sample {i}: len(mask) {len(mask)} != len(input_ids) {len(ids)}")
-    return Document(ids, str(sample.get("domain", "")), mask)
+            raise DataError(f"{where}: len(mask) {len(mask)} != len(input_ids) {len(ids)}")
+    return Document(ids, str(sample.get("domain", "")), mask, source=where)
 
 
 def has_mask_column(mds_dirs: Sequence[Path]) -> bool:
@@ -437,6 +502,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="cut documents into the longest fitting of these chunk lengths, one subset each")
     parser.add_argument("-T", "--tokenizer", choices=["llama3"], default=None,
                         help="insert this tokenizer's BOS/EOS (llama3: 128000/128001)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help=f"token ids must be below this (default: {LLAMA3_VOCAB_SIZE} with -T llama3, "
+                             "else the uint32 range)")
     parser.add_argument("--bos-id", type=int, default=None, help="BOS id to prepend (overrides -T)")
     parser.add_argument("--eos-id", type=int, default=None, help="EOS id to append (overrides -T)")
     parser.add_argument("--use-for-mos", choices=["bos", "eos"], default=None,
@@ -455,9 +523,11 @@ def options_from_args(args: argparse.Namespace) -> PackOptions:
     mos = {"bos": bos, "eos": eos, None: None}[args.use_for_mos]
     if args.use_for_mos and mos is None:
         raise SystemExit(f"--use-for-mos {args.use_for_mos} needs a {args.use_for_mos} id (-T or --{args.use_for_mos}-id)")
+    vocab = args.vocab_size if args.vocab_size is not None else (
+        LLAMA3_VOCAB_SIZE if args.tokenizer == "llama3" else None)
     return PackOptions(pack_length=args.pack_length, min_length=args.min_length,
                        split_lengths=tuple(args.split_lengths), bos_id=bos, eos_id=eos, mos_id=mos,
-                       split_by_domain=args.split_by_domain, domain=args.domain)
+                       split_by_domain=args.split_by_domain, domain=args.domain, vocab_size=vocab)
 
 
 def run(args: argparse.Namespace) -> int:
