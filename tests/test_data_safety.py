@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,14 @@ def test_local_basename_cannot_read_outside_the_domain(tmp_path):
     assert "\n" not in message
     assert f"{tmp_path / 'dom' / 'index.json'}: shard basename '../other/shard.00000.mds'" in message
     assert "outside the domain folder" in message
+
+
+@pytest.mark.parametrize("basename", [".", "sub/..", ""])
+def test_basename_naming_the_folder_itself_is_refused(tmp_path, basename):
+    write_random_domain(tmp_path / "dom", 3, 32)
+    edit_index(tmp_path / "dom", lambda shards: shards[0]["raw_data"].update(basename=basename))
+    with pytest.raises(DataError, match=rf"dom/index.json: shard basename '{re.escape(basename)}'"):
+        MdsDomain(str(tmp_path / "dom"))
 
 
 def test_local_absolute_basename_is_refused(tmp_path):

@@ -278,9 +278,9 @@ def _describe(value) -> str:
 
 
 def _inside(path: str, folder: str) -> bool:
-    """Whether ``path`` resolves (``..`` and symlinks) to ``folder`` or below it."""
+    """Whether ``path`` resolves (``..`` and symlinks) to a file or folder below ``folder``."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _cache_name(remote: str) -> str:
