@@ -18,9 +18,17 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
 
 
+def _refuse_overlap(args: argparse.Namespace, *inputs: Path | None) -> None:
+    if args.overwrite:  # the output folder is deleted: it must not be, hold or lie inside an input
+        from prolong_nemo.convert.outputs import refuse_overlap
+
+        refuse_overlap(args.out, inputs)
+
+
 def _hf_to_megatron(args: argparse.Namespace) -> int:
     from prolong_nemo.convert.pipelines import hf_to_megatron
 
+    _refuse_overlap(args, args.hf_dir)
     result = hf_to_megatron(
         args.hf_dir, args.out, rope_theta=args.rope_theta, max_position_embeddings=args.max_position_embeddings,
         overwrite=args.overwrite, fsync=not args.no_fsync, show_progress=not args.quiet,
@@ -54,6 +62,7 @@ def _megatron_to_hf(args: argparse.Namespace) -> int:
     if (args.rope_theta or args.max_position_embeddings) and not (args.arch_from or args.preset):
         raise ConversionError("--rope-theta / --max-position-embeddings only refine --arch-from / --preset; "
                               "by default the checkpoint's recorded config is exported")
+    _refuse_overlap(args, args.ckpt, args.tokenizer, args.arch_from, args.ids_from)
     arch, extras = _arch_override(args)
     if args.ids_from:  # e.g. the Instruct model a run started from: it stops on <|eot_id|>
         from prolong_nemo.convert import hf_config

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import re
+import secrets
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
 from prolong_nemo.convert.mapping import ConversionError
+
+log = logging.getLogger(__name__)
 
 # Files a Hugging Face tokenizer folder may hold (Llama-3 uses tokenizer.json + config).
 TOKENIZER_FILES = (
@@ -31,28 +37,138 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def refuse_overlap(out: Path, inputs: Iterable[Path | None], error: type[Exception] = ConversionError) -> None:
+    """With --overwrite the output folder is deleted: refuse one that is, holds or lies inside an input
+    (the comparison is on resolved paths, so `d/`, `./d` and a symlink to `d` are all `d`)."""
+    target = Path(out).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(given).resolve()
+        if src == target or src.is_relative_to(target) or target.is_relative_to(src):
+            raise error(f"output {Path(out).absolute()} overlaps input {Path(given).absolute()}: "
+                                  "--overwrite would delete the input; choose another output folder")
+
+
+# Work folders next to a destination: `.NAME.partial-PID[-suffix]` (being written) and
+# `.NAME.old-PID[-suffix]` (the previous output, moved aside during an --overwrite swap).
+_WORK_DIR = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)(?:-[^/]*)?")
+
+
+def _process_start(pid: int) -> float | None:
+    """Wall-clock start time of a live process (Linux /proc), None when unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
+def _writer_gone(pid: int, folder: Path) -> bool:
+    """True when the process that named `folder` can no longer be writing it. A live process with the
+    same PID counts as gone only if it started after the folder was last modified (PID reuse): the real
+    writer created the folder, so it started before any of the folder's modification times. Start times
+    are known to ~1 s (boot time is whole seconds), hence the margin, which errs towards keeping."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    start = _process_start(pid)
+    try:
+        return start is not None and start > folder.lstat().st_mtime + 2.0
+    except FileNotFoundError:
+        return False
+
+
+def _remove_stale(dest: Path) -> None:
+    """Delete the work folders of killed conversions to `dest` (one log line); an `.old-` folder is the
+    previous output, kept while `dest` itself is missing (killed between the two renames of a swap)."""
+    removed, kept = [], []
+    for entry in sorted(dest.parent.iterdir()):
+        match = _WORK_DIR.fullmatch(entry.name)
+        if not match or match["name"] != dest.name or entry.is_symlink() or not entry.is_dir():
+            continue
+        if not _writer_gone(int(match["pid"]), entry):
+            continue
+        if match["kind"] == "old" and not os.path.lexists(dest):
+            kept.append(str(entry))
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(str(entry))
+    if removed:
+        log.warning("removed %d stale work folder(s) of killed conversions to %s: %s",
+                    len(removed), dest, ", ".join(removed))
+    if kept:
+        log.warning("kept %s: the previous output of %s, left by a conversion killed while replacing it "
+                    "(rename it back if you want it)", ", ".join(kept), dest)
+
+
+def _refuse_symlink(dest: Path) -> None:
+    # Refused rather than resolved: replacing a link's target writes wherever the link points (maybe
+    # someone else's folder, maybe another filesystem, where the final rename is not atomic), and
+    # replacing the link itself would silently turn a shared `latest -> run-3` into a plain folder.
+    if dest.is_symlink():
+        raise ConversionError(f"{dest} is a symbolic link (to {os.readlink(dest)}); give the real folder "
+                              "as the output")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(dest: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to `dest` only when the body succeeds."""
+    """Yield a temporary sibling folder; rename it to `dest` only when the body succeeds.
+
+    Without `overwrite`, a `dest` that appeared meanwhile (another conversion finishing first) is never
+    replaced: the final rename of a folder onto an existing non-empty folder, a file or a link fails
+    (POSIX rename(2)), and this one reports it and removes its own work. With `overwrite`, the old
+    output moves aside, the new one moves in right after, and the old one is deleted last."""
     dest = Path(dest).absolute()
+    _refuse_symlink(dest)
     if dest.exists() and not overwrite:
         raise ConversionError(f"{dest} already exists (pass overwrite / --overwrite to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    _remove_stale(dest)
+    # Unique per call (threads of one process too); the PID lets a later run judge it stale.
+    tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # not mkdtemp: its 0700 mode would become the output's
     try:
         yield tmp
+        _move_in(tmp, dest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        dest.rename(old)
-        shutil.rmtree(old)
-    tmp.rename(dest)
     _fsync_dir(dest.parent)
+
+
+def _lost_race(dest: Path) -> ConversionError:
+    return ConversionError(f"{dest} appeared while this conversion ran (another one finished first?); "
+                           "its output is kept and this one is discarded")
+
+
+def _move_in(tmp: Path, dest: Path, overwrite: bool) -> None:
+    _refuse_symlink(dest)
+    old = None
+    if os.path.lexists(dest):
+        if not overwrite:
+            raise _lost_race(dest)
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)  # right after the old one moved aside: the name is empty for two syscalls
+    except OSError as e:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.rename(old, dest)  # put the previous output back (fails only if dest is taken again)
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise _lost_race(dest) from None
+        raise ConversionError(f"could not move the new output into {dest}: {e}") from None
+    if old is not None:  # deleted last, once the new output is in place
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def copy_tokenizer(src: Path | None, dest: Path, required: bool = False) -> list[str]:

@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "tokenize": "prolong_nemo.data.tokenize",
     "pack": "prolong_nemo.data.packer",
 }
+WRITERS = ("tokenize", "pack")  # sub-commands with inputs, -o/--output and --overwrite
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -19,4 +20,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         if importlib.util.find_spec(module_name) is None:
             continue
         module = importlib.import_module(module_name)
-        module.configure_parser(sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0]))
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.configure_parser(p)
+        if name in WRITERS:
+            p.set_defaults(func=_refusing_overlap(p.get_default("func")))
+
+
+def _refusing_overlap(func):
+    """`--overwrite` deletes the output folder first: refuse one that is, holds or lies inside an input."""
+    def run(args: argparse.Namespace) -> int:
+        if args.overwrite:
+            from prolong_nemo.convert.outputs import refuse_overlap
+            from prolong_nemo.errors import UserError
+
+            refuse_overlap(args.output, args.inputs, error=UserError)
+        return func(args)
+    return run
