@@ -47,7 +47,7 @@ def refuse_overlap(out: Path, inputs: Iterable[Path | None], error: type[Excepti
         src = Path(given).resolve()
         if src == target or src.is_relative_to(target) or target.is_relative_to(src):
             raise error(f"output {Path(out).absolute()} overlaps input {Path(given).absolute()}: "
-                                  "--overwrite would delete the input; choose another output folder")
+                        "--overwrite would delete the input; choose another output folder")
 
 
 # Work folders next to a destination: `.NAME.partial-PID[-suffix]` (being written) and
