@@ -227,6 +227,37 @@ def test_tokenizer_files_are_carried(tmp_path):
     assert not (tmp_path / "out3").exists()
 
 
+def test_tokenizer_symlink_out_of_the_folder_is_refused(tmp_path):
+    src = make_hf_model(tmp_path / "hf")
+    secret = tmp_path / "secret.txt"  # stands for /etc/passwd
+    secret.write_text("root:x:0:0")
+    (src / "tokenizer_config.json").write_text("{}")
+    (src / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(ConversionError, match=rf"^{src / 'tokenizer.json'}: a symbolic link to {secret}"):
+        hf_to_megatron(src, tmp_path / "mg", **quiet())
+    assert not (tmp_path / "mg").exists()
+    (src / "tokenizer.json").unlink()
+    (src / "original").symlink_to(tmp_path, target_is_directory=True)  # a folder link out of it
+    (tmp_path / "tokenizer.model").write_text("secret")
+    with pytest.raises(ConversionError, match=rf"^{src / 'original' / 'tokenizer.model'}: a symbolic link"):
+        hf_to_megatron(src, tmp_path / "mg", **quiet())
+    # a link inside the folder, and a Hugging Face hub snapshot's link into its blobs/, are fine
+    (src / "original").unlink()
+    (src / "real.json").write_text('{"model": "in"}')
+    (src / "tokenizer.json").symlink_to("real.json")
+    hub = tmp_path / "hub" / "models--org--m"
+    (hub / "blobs").mkdir(parents=True)
+    (hub / "blobs" / "abc").write_text('{"model": "blob"}')
+    snap = hub / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    (snap / "tokenizer.json").symlink_to("../../blobs/abc")
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    assert (resolve_iter_dir(tmp_path / "mg") / "tokenizer" / "tokenizer.json").read_text() == '{"model": "in"}'
+    assert not (resolve_iter_dir(tmp_path / "mg") / "tokenizer" / "tokenizer.json").is_symlink()
+    megatron_to_hf(tmp_path / "mg", tmp_path / "out", tokenizer_dir=snap, **quiet())
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"model": "blob"}'
+
+
 # ---------------------------------------------------------------- refused inputs
 
 

@@ -171,6 +171,19 @@ def _move_in(tmp: Path, dest: Path, overwrite: bool) -> None:
             old.unlink(missing_ok=True)
 
 
+def _refuse_outside(src: Path, path: Path) -> None:
+    """A tokenizer file must be a regular file inside `src` (links within it are fine, and so is a
+    Hugging Face hub snapshot's link into its model's `blobs/`): a link to /etc/passwd would be
+    copied into the checkpoint and published with it."""
+    real, root = path.resolve(), src.resolve()
+    allowed = [root]
+    if src.absolute().parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<rev>/
+        allowed.append(src.absolute().parent.parent.resolve() / "blobs")
+    if not any(real.is_relative_to(a) for a in allowed):
+        raise ConversionError(f"{path}: a symbolic link to {real}, outside the tokenizer folder {src}; "
+                              "refusing to copy it (put the real file in the folder)")
+
+
 def copy_tokenizer(src: Path | None, dest: Path, required: bool = False) -> list[str]:
     """Copy the tokenizer files found in `src` into `dest`; returns what was copied. With
     `required` (a folder the user named), a folder without any is an error."""
@@ -182,6 +195,7 @@ def copy_tokenizer(src: Path | None, dest: Path, required: bool = False) -> list
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
+            _refuse_outside(src, src / name)
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / name, dest / name)
             copied.append(name)
