@@ -45,3 +45,65 @@ def test_inspect_names_bad_sample(tmp_path, capsys):
                                         "indices": np.array([[0, 4]], np.uint32)}])
     assert main(["data", "inspect", str(tmp_path / "d"), "--png", str(tmp_path / "x.png")]) == 2
     assert "d/shard.00000.mds: sample 0 (domain sample 0): length 5 disagrees" in capsys.readouterr().err
+
+
+def test_inspect_reports_and_warns_about_tokens_no_document_covers(tmp_path, capsys):
+    """Indices covering 22 of 512 tokens: the other 490 are never trained; say so (issue 13, item 10)."""
+    from prolong_nemo.data.mds import write_domain
+    from prolong_nemo.data.packing import UNCOVERED_WARN_SHARE, uncovered_tokens
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 1000, 512).astype(np.uint32)
+    partial = [{"input_ids": ids, "indices": np.array([[0, 10], [100, 112]], dtype=np.uint32),
+                "length": 512, "domain": "p"}] * 2 + [{"input_ids": ids, "indices": np.array([[0, 300], [300, 512]],
+                                                                                           dtype=np.uint32),
+                                                       "length": 512, "domain": "p"}]
+    write_domain(str(tmp_path / "partial"), partial)
+    assert uncovered_tokens(512, None) == 0 and uncovered_tokens(512, np.zeros((0, 2), np.uint32)) == 0
+    write_random_domain(tmp_path / "full", 4, 512, seed=3)
+    report = tmp_path / "report.json"
+    rc = main(["data", "inspect", str(tmp_path / "partial"), str(tmp_path / "full"), "--png",
+               str(tmp_path / "h.png"), "--json", str(report)])
+    assert rc == 0
+    got = json.loads(report.read_text())["domains"]
+    assert got[0]["uncovered_tokens"] == 2 * 490 and got[0]["uncovered_share"] == pytest.approx(980 / 1536)
+    assert got[1]["uncovered_tokens"] == 0 and got[1]["uncovered_share"] == 0
+    out = capsys.readouterr().out
+    assert UNCOVERED_WARN_SHARE == 0.01
+    assert (f"warning: partial: 980 of 1536 tokens (63.80%) are in no document (indices) and are never "
+            f"trained (above {100 * UNCOVERED_WARN_SHARE:g}%)") in out
+    assert "warning: full" not in out
+
+
+def test_training_dataset_warns_about_uncovered_tokens_at_build_time(tmp_path, caplog):
+    import logging
+
+    from prolong_nemo.data.dataset import build_datasets, dataset_config
+    from prolong_nemo.data.mds import write_domain
+    from prolong_nemo.data.mixture import Mixture
+
+    ids = np.arange(1, 513, dtype=np.uint32)
+    write_domain(str(tmp_path / "partial"), [{"input_ids": ids, "indices": np.array([[0, 22]], dtype=np.uint32),
+                                              "length": 512, "domain": "p"}] * 4)
+    write_random_domain(tmp_path / "full", 4, 512, seed=3)
+    mixture = Mixture.parse({str(tmp_path / "partial"): 0.5, str(tmp_path / "full"): 0.5})
+    with caplog.at_level(logging.INFO, logger="prolong_nemo.data.dataset"):
+        build_datasets(dataset_config(mixture, sequence_length=512), [8, 0, 0])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"{tmp_path / 'partial'}: 1960 of 2048 tokens (95.70%) in the 4 samples checked are in no "
+               "document" in w for w in warnings), warnings
+    assert not any("full" in w for w in warnings)
+
+
+def test_inspect_refuses_a_signed_mask(tmp_path, capsys):
+    """An int8 -1 mask would be a loss weight of -1 (gradient ascent): refused when read (issue 13, item 7)."""
+    from prolong_nemo.data.mds import PACKED_COLUMNS, write_domain
+
+    ids = np.arange(1, 17, dtype=np.uint32)
+    sample = {"input_ids": ids, "indices": np.array([[0, 16]], np.uint32), "length": 16, "domain": "chat"}
+    write_domain(str(tmp_path / "chat"), [dict(sample, mask=np.array([0, 1, -1, 1] * 4, np.int8))],
+                 columns=dict(PACKED_COLUMNS, mask="ndarray:int8"))
+    assert main(["data", "inspect", str(tmp_path / "chat"), "--png", str(tmp_path / "h.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: {tmp_path / 'chat'}: sample 0: mask must be unsigned integers (target = mask != 0), "
+                   "got int8")

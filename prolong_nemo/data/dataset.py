@@ -10,6 +10,7 @@ more samples than it holds cycles through epochs, each in its own seeded order.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -24,7 +25,11 @@ from megatron.core.datasets.utils import Split
 
 from prolong_nemo.data.mds import LLAMA3_VOCAB_SIZE, DataError, MdsDomain
 from prolong_nemo.data.mixture import Mixture
-from prolong_nemo.data.packing import PackingConfig, build_row
+from prolong_nemo.data.packing import (UNCOVERED_WARN_SHARE, PackingConfig, build_row, uncovered_tokens,
+                                       uncovered_warning)
+
+log = logging.getLogger(__name__)
+COVERAGE_CHECK_SAMPLES = 8  # evenly spaced samples per domain read at build time for the report below
 
 # The keys of docs/batch-contract.md, in order.
 BATCH_KEYS = (
@@ -61,6 +66,22 @@ class ProLongDomainDataset(MegatronDataset):
         name = os.path.basename(str(dataset_path).rstrip("/"))
         self._domain_seed = int(hashlib.md5(name.encode(), usedforsecurity=False).hexdigest()[:8], 16)
         self._epochs: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._report_uncovered_tokens()
+
+    def _report_uncovered_tokens(self) -> None:
+        """Log the share of tokens no document covers (never trained) in a few samples; warn above 1%."""
+        if not self.config.packing.document_masking:
+            return  # one segment per sample: every token is in the row
+        picks = np.unique(np.linspace(0, len(self.indices) - 1, COVERAGE_CHECK_SAMPLES).astype(int))
+        samples = [self.dataset[int(self.indices[i])] for i in picks]
+        tokens = sum(len(s.input_ids) for s in samples)
+        uncovered = sum(uncovered_tokens(len(s.input_ids), s.indices) for s in samples)
+        line = uncovered_warning(str(self.dataset_path), uncovered, tokens, f" in the {len(picks)} samples checked")
+        if uncovered > UNCOVERED_WARN_SHARE * tokens:
+            log.warning(line)
+        else:
+            log.info("%s: %d of %d tokens in the %d samples checked are in no document", self.dataset_path,
+                     uncovered, tokens, len(picks))
 
     @staticmethod
     def numel_low_level_dataset(low_level_dataset: MdsDomain) -> int:

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from prolong_nemo.data.mds import LLAMA3_VOCAB_SIZE, MdsDomain
 from prolong_nemo.data.mixture import Mixture
-from prolong_nemo.data.packing import PackingConfig, document_segments, padded_lengths
+from prolong_nemo.data.packing import (UNCOVERED_WARN_SHARE, PackingConfig, check_mask, document_segments,
+                                       padded_lengths, uncovered_tokens, uncovered_warning)
 
 PERCENTILES = (5, 25, 50, 75, 95, 100)
 
@@ -29,11 +30,16 @@ class DomainReport:
     targets: int = 0
     padding: int = 0
     with_mask: int = 0
+    uncovered_tokens: int = 0  # in no document of `indices`: never fed to training
     doc_length_percentiles: dict[str, int] = field(default_factory=dict)
 
     @property
     def padding_overhead(self) -> float:
         return self.padding / max(self.tokens, 1)
+
+    @property
+    def uncovered_share(self) -> float:
+        return self.uncovered_tokens / max(self.tokens, 1)
 
 
 def inspect_domain(path: str, proportion: float, packing: PackingConfig, *, max_samples: int | None = None,
@@ -47,6 +53,7 @@ def inspect_domain(path: str, proportion: float, packing: PackingConfig, *, max_
     lengths = []
     for i in tqdm(picks, desc=os.path.basename(path), disable=not progress, unit="sample"):
         sample = domain[int(i)]
+        check_mask(sample.mask, f"{path}: sample {int(i)}")
         starts, ends = document_segments(len(sample.input_ids), sample.indices, True)
         n_docs = 1 if sample.indices is None else len(sample.indices)
         seg = ends - starts
@@ -55,6 +62,7 @@ def inspect_domain(path: str, proportion: float, packing: PackingConfig, *, max_
         report.dropped_segments += n_docs - len(seg)
         report.padding += int(padded_lengths(seg, packing).sum() - seg.sum())
         report.with_mask += sample.mask is not None
+        report.uncovered_tokens += uncovered_tokens(len(sample.input_ids), sample.indices)
         report.targets += int(seg.sum() - len(seg)) if sample.mask is None else _masked_targets(sample.mask, starts, ends)
         lengths.append(seg)
     all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
@@ -133,6 +141,11 @@ def format_report(reports: list[DomainReport], effective: list[dict], packing: P
     lines.append(f"CP padding at cp_size={packing.cp_size} (segments to multiples of {packing.segment_multiple}): "
                  f"{padding} tokens = {100 * padding / max(tokens, 1):.3f}% of {tokens} read tokens; "
                  f"{dropped} one-token documents carry no target")
+    uncovered = sum(r.uncovered_tokens for r in reports)
+    lines.append(f"tokens in no document (indices), never trained: {uncovered} = "
+                 f"{100 * uncovered / max(tokens, 1):.3f}% of {tokens} read tokens")
+    lines += ["warning: " + uncovered_warning(os.path.basename(r.path), r.uncovered_tokens, r.tokens)
+              for r in reports if r.uncovered_share > UNCOVERED_WARN_SHARE]
     if any(r.samples_read < r.samples for r in reports):
         lines.append("(statistics over an evenly spaced subset: --max-samples)")
     return "\n".join(lines)
@@ -172,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"document-length histogram: {args.png}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"domains": [asdict(r) | {"padding_overhead": r.padding_overhead} for r in reports],
+            json.dump({"domains": [asdict(r) | {"padding_overhead": r.padding_overhead,
+                                                   "uncovered_share": r.uncovered_share} for r in reports],
                        "effective_mixture": effective, "cp_size": args.cp_size}, f, indent=2)
     return 0

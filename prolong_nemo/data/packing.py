@@ -82,6 +82,12 @@ def uncovered_tokens(length: int, indices: np.ndarray | None) -> int:
     return int((np.cumsum(covered)[:-1] <= 0).sum())
 
 
+def uncovered_warning(where: str, uncovered: int, tokens: int, scope: str = "") -> str:
+    """The line that warns of tokens no document covers (above UNCOVERED_WARN_SHARE)."""
+    return (f"{where}: {uncovered} of {tokens} tokens ({100 * uncovered / max(tokens, 1):.2f}%){scope} are in no "
+            f"document (indices) and are never trained (above {100 * UNCOVERED_WARN_SHARE:g}%)")
+
+
 def check_mask(mask: np.ndarray | None, where: str) -> None:
     """Masks are unsigned integers (or bool): a target is ``mask != 0`` with loss weight 1.
 
