@@ -7,7 +7,7 @@ schedules and dist checkpointing. The shims that make it run on a CPU, each with
 tests/bridge_runtime.py.
 
 Four torchrun launches share the module (about 3 minutes on 2 cores):
-- `reference`: stage_64k_cpu for 8 steps uninterrupted (DP=2), then the 64K -> 512K chain
+- `reference`: stage_64k_cpu for 16 steps uninterrupted (DP=2), then the 64K -> 512K chain
   (weights + Adam state, fresh schedule), SFT from the 512K weights, and stage_64k_cpu again
   with CP=2;
 - `preempted`: the same 64K stage with 2 data-loader workers per rank, SIGTERM to torchrun
@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 8
+STEPS = 16  # steps are ~0.1 s: the SIGTERM after step 3 must land well before the end
 BRIDGE = "0.6.2"
 
 pytestmark = pytest.mark.skipif(
@@ -111,7 +111,7 @@ def _run(recipe: str, metrics: Path, *overrides: str) -> dict:
     return {"recipe": recipe, "overrides": ["cluster.gpus_per_node=2", *overrides], "metrics": str(metrics)}
 
 
-FIRST_STAGE = ("train.steps=8", "checkpoint.save_interval=100")  # no save before the end: overlap runs on
+FIRST_STAGE = (f"train.steps={STEPS}", "checkpoint.save_interval=100")  # no save before the end: overlap runs on
 
 
 @pytest.fixture(scope="module")
