@@ -107,11 +107,49 @@ def load_metadata(directory: Path) -> Metadata:
     with open(path, "rb") as f:
         try:
             metadata = _MetadataUnpickler(f).load()
-        except pickle.UnpicklingError as e:
-            raise ConversionError(f"{path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - refused globals, truncated or garbage files
+            raise ConversionError(f"{path}: {e or type(e).__name__}") from None
     if not isinstance(metadata, Metadata):
         raise ConversionError(f"{path}: not a PyTorch distributed-checkpoint metadata file")
     return metadata
+
+
+def _numpy_globals() -> list:
+    """What a numpy array pickles to (megatron's RNG-state objects hold them): data, no code."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *(getattr(np.dtypes, n) for n in np.dtypes.__all__)]
+
+
+def _refusal(what: str, e: Exception) -> ConversionError:
+    text = str(e).strip()
+    return ConversionError(f"{what}: refusing to load (not plain tensors / data: "
+                           f"{text.splitlines()[0] if text else type(e).__name__})")
+
+
+def check_pickle_file(path: Path) -> None:
+    """Refuse a `torch.save` file (common.pt, train_state.pt, ...) whose pickle holds anything
+    but plain data: it is read with `torch.load(weights_only=True)`, which runs no code."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure: the file is not plain data
+        raise _refusal(str(path), e) from None
+
+
+def check_object_records(directory: Path, metadata: Metadata) -> None:
+    """Refuse ShardedObject records (bytes in the .distcp files: RNG state, common state, TE
+    extra state) that hold more than plain data: DCP's load planner unpickles them with
+    `torch.load(weights_only=False)`. Checked with weights_only=True plus numpy arrays."""
+    for index, info in metadata.storage_data.items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        path = Path(directory) / info.relative_path
+        try:
+            with open(path, "rb") as f, torch.serialization.safe_globals(_numpy_globals()):
+                torch.load(_FileSlice(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - missing file, garbage or a refused global
+            raise _refusal(f"{path}: object {index.fqn}", e) from None
 
 
 class _FileSlice(io.RawIOBase):

@@ -22,14 +22,22 @@ the export refuses it unless it is told where they come from.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
 
+from prolong_nemo.convert.dcp_io import (
+    MCORE_CONFIG_FILE,
+    METADATA_FILE,
+    check_object_records,
+    check_pickle_file,
+    load_metadata,
+)
 from prolong_nemo.convert.hf_config import HfExtras, normalize_rope_scaling
 from prolong_nemo.convert.mapping import ConversionError
 from prolong_nemo.model.config import LlamaArch
@@ -73,11 +81,82 @@ def resolve_iter_dir(path: Path) -> Path:
 def tracked_iter_dir(root: Path) -> Path:
     """The iteration folder `latest_checkpointed_iteration.txt` of a checkpoint root names."""
     tracker = Path(root) / TRACKER_FILE
-    text = tracker.read_text().strip()
+    try:
+        text = tracker.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{tracker}: unreadable ({e})") from None
     name = "release" if text == "release" else iter_dir_name(int(text)) if text.isdigit() else None
     if name is None:
         raise ConversionError(f"{tracker}: unexpected content {text!r}")
     return Path(root) / name
+
+
+def is_complete_iter_dir(path: Path) -> bool:
+    """A finished save: megatron writes `.metadata` and then `metadata.json` last."""
+    return (Path(path) / METADATA_FILE).is_file() and (Path(path) / MCORE_CONFIG_FILE).is_file()
+
+
+def latest_iter_dir(root: Path, log: Callable[[str], None] | None = None, strict: bool = False) -> Path | None:
+    """The iteration folder a resume reads: the one the tracker names; when the tracker is
+    damaged (empty, garbage), the newest complete iter_* folder, said in a log line (`strict`:
+    an error, for readers that parse the tracker themselves, e.g. Bridge). None when `root` has
+    no tracker."""
+    root = Path(root)
+    if not (root / TRACKER_FILE).is_file():
+        return None
+    try:
+        return tracked_iter_dir(root)
+    except ConversionError as e:
+        if strict:
+            raise
+        complete = sorted(p for p in root.glob("iter_*") if _ITER_RE.match(p.name) and is_complete_iter_dir(p))
+        if not complete:
+            raise ConversionError(f"{e}; no complete iter_* folder (with {METADATA_FILE} and "
+                                  f"{MCORE_CONFIG_FILE}) to fall back to") from None
+        if log is not None:
+            log(f"[prolong] {e}: falling back to the newest complete checkpoint {complete[-1]}")
+        return complete[-1]
+
+
+def check_checkpoint(path: Path, log: Callable[[str], None] | None = None, strict: bool = False) -> Path:
+    """Refuse a checkpoint whose pickles could run code, before megatron-core / Bridge opens it
+    (they unpickle `.metadata` and `*.pt` with plain `pickle`). `path`: a checkpoint root or an
+    iteration folder; returns the iteration folder checked (see `latest_iter_dir`).
+
+    `.metadata` goes through the allow-listed unpickler; every ShardedObject record of the
+    .distcp files, every `*.pt` of the iteration folder (common.pt, Bridge's train_state.pt) and
+    of the root (latest_train_state.pt) through `torch.load(weights_only=True)`. Any refusal is a ConversionError naming the file.
+    """
+    path = Path(path)
+    if (path / METADATA_FILE).is_file():
+        iter_dir, folders = path, [path]
+    else:
+        iter_dir = latest_iter_dir(path, log, strict) or resolve_iter_dir(path)
+        folders = [iter_dir, path]
+    check_object_records(iter_dir, load_metadata(iter_dir))
+    for folder in folders:
+        for pt in sorted(folder.glob("*.pt")):
+            check_pickle_file(pt)
+    return iter_dir
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` as a whole or not at all: temp file, fsync, os.replace, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def bridge_run_config(root: Path) -> dict[str, Any]:
@@ -161,15 +240,8 @@ def write_prolong_record(iter_dir: Path, arch: LlamaArch, extras: HfExtras | Non
     records the architecture only (the ids are unknown; the export then asks for them).
     """
     path = Path(iter_dir) / PROLONG_RECORD_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            yaml.safe_dump({"prolong": prolong_record(arch, extras, source)}, f, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    record = yaml.safe_dump({"prolong": prolong_record(arch, extras, source)}, sort_keys=False)
+    write_atomic(path, record.encode())
     return path
 
 
@@ -294,7 +366,8 @@ def write_tracker(root: Path, iteration: int) -> None:
     `latest_checkpointed_iteration.txt` of "0" unless `latest_train_state.pt` is there: it reads
     that one first (`torch.load(weights_only=True)`, plain tensors only)."""
     root = Path(root)
-    (root / TRACKER_FILE).write_text(str(iteration))
-    state = train_state(iteration)
-    torch.save(state, root / iter_dir_name(iteration) / TRAIN_STATE_FILE)
-    torch.save(state, root / LATEST_TRAIN_STATE_FILE)
+    buf = io.BytesIO()
+    torch.save(train_state(iteration), buf)
+    write_atomic(root / iter_dir_name(iteration) / TRAIN_STATE_FILE, buf.getvalue())
+    write_atomic(root / LATEST_TRAIN_STATE_FILE, buf.getvalue())
+    write_atomic(root / TRACKER_FILE, str(iteration).encode())

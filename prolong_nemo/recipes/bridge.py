@@ -166,6 +166,15 @@ def main(argv: Sequence[str]) -> int:
         raise SystemExit("usage: bridge_entry.py <recipe> [hydra overrides]")
     recipe = load_recipe(argv[0], list(argv[1:]))
     start = resolve_start(recipe)
+    opened = start.pretrained if start.kind == "weights" else start.load if start.kind != "fresh" else None
+    if opened is not None:  # Bridge unpickles .metadata / *.pt with plain pickle: check them first
+        from prolong_nemo.convert import ConversionError
+        from prolong_nemo.convert.megatron_io import check_checkpoint
+
+        try:
+            check_checkpoint(opened, strict=True)
+        except ConversionError as e:
+            raise SystemExit(f"error: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[prolong] {recipe.name}: {start.describe()}", flush=True)
     cfg = build_config_container(recipe, start)

@@ -22,7 +22,18 @@ TRACKER_FILES = ("latest_train_state.pt", "latest_checkpointed_iteration.txt")
 
 
 def has_checkpoint(root: str | None) -> bool:
-    return bool(root) and any(os.path.isfile(os.path.join(root, f)) for f in TRACKER_FILES)
+    """A checkpoint root: a tracker file. `latest_train_state.pt` alone, with no
+    `latest_checkpointed_iteration.txt` and no iteration folder, is refused: it would be
+    reported as a resume and load nothing."""
+    if not root or not any(os.path.isfile(os.path.join(root, f)) for f in TRACKER_FILES):
+        return False
+    if not os.path.isfile(os.path.join(root, TRACKER_FILES[1])) and not any(
+            (name.startswith("iter_") or name == "release") and os.path.isdir(os.path.join(root, name))
+            for name in os.listdir(root)):
+        raise RecipeError(f"{root}: holds {TRACKER_FILES[0]} but neither {TRACKER_FILES[1]} nor any iter_* "
+                          "checkpoint folder, so there is nothing to resume from (restore the checkpoint, "
+                          "or remove the file to start this stage afresh)")
+    return True
 
 
 @dataclass(frozen=True)

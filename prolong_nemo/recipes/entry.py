@@ -137,15 +137,15 @@ def cpu_dataset(recipe: RecipeConfig, synthetic: bool = False):
     return train
 
 
-def load_weights(root: str, model) -> Path:
+def load_weights(root: str, model, log: Callable[[str], None] | None = None) -> Path:
     """Model weights only from a Megatron checkpoint root (`latest_checkpointed_iteration.txt`);
     returns the iteration folder read."""
     from megatron.core import dist_checkpointing
 
-    from prolong_nemo.training.cpu_runner import latest_step, load_model_state
+    from prolong_nemo.convert.megatron_io import check_checkpoint
+    from prolong_nemo.training.cpu_runner import load_model_state
 
-    step = latest_step(root)
-    path = Path(root) / f"iter_{step:07d}" if step is not None else Path(root)
+    path = check_checkpoint(Path(root), log)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
     load_model_state(model, loaded["model"], path)
     return path
@@ -153,12 +153,21 @@ def load_weights(root: str, model) -> Path:
 
 def apply_start(start: StartPoint, state, recipe: RecipeConfig, log: Callable[[str], None]) -> None:
     """Resume / chain / weights-only start of the CPU runner's state (mirrors the Bridge path)."""
+    from prolong_nemo.convert.mapping import ConversionError
+
+    try:
+        _apply_start(start, state, recipe, log)
+    except ConversionError as e:  # a damaged or unsafe checkpoint, named
+        raise RecipeError(str(e)) from None
+
+
+def _apply_start(start: StartPoint, state, recipe: RecipeConfig, log: Callable[[str], None]) -> None:
     from prolong_nemo.training.cpu_runner import load_checkpoint
 
     if start.kind == "resume":
-        load_checkpoint(start.load, state)
+        load_checkpoint(start.load, state, log)
     elif start.kind == "chain":
-        load_checkpoint(start.load, state)
+        load_checkpoint(start.load, state, log)
         previous = state.step
         state.step, state.consumed_samples = 0, 0
         restart_schedule(state.scheduler, state.optimizer, **schedule_of(recipe, increment=1))  # steps by 1
@@ -168,7 +177,7 @@ def apply_start(start: StartPoint, state, recipe: RecipeConfig, log: Callable[[s
     elif start.kind == "weights":
         from prolong_nemo.training.cpu_runner import recorded_hf_extras
 
-        state.hf_extras = recorded_hf_extras(load_weights(start.pretrained, state.model))
+        state.hf_extras = recorded_hf_extras(load_weights(start.pretrained, state.model, log))
     log(f"[prolong] {start.describe()}" + (f" at step {state.step}" if start.kind == "resume" else ""))
 
 

@@ -167,9 +167,22 @@ def _iter_dir(root: Path, step: int) -> Path:
     return root / f"iter_{step:07d}"
 
 
-def latest_step(root: str | Path) -> int | None:
-    marker = Path(root) / LATEST_FILE
-    return int(marker.read_text().strip()) if marker.exists() else None
+def latest_step(root: str | Path, log: Callable[[str], None] | None = None) -> int | None:
+    """The step of the checkpoint a resume reads (a damaged marker: the newest complete one)."""
+    from prolong_nemo.convert.megatron_io import latest_iter_dir
+
+    folder = latest_iter_dir(Path(root), log)
+    if folder is None:
+        return None
+    return 0 if folder.name == "release" else int(folder.name.removeprefix("iter_"))
+
+
+def latest_checkpoint(root: str | Path, log: Callable[[str], None] | None = None) -> Path | None:
+    """The iteration folder to resume from, checked before megatron unpickles anything of it
+    (`megatron_io.check_checkpoint`); None when `root` holds no marker."""
+    from prolong_nemo.convert.megatron_io import check_checkpoint
+
+    return check_checkpoint(Path(root), log) if (Path(root) / LATEST_FILE).is_file() else None
 
 
 def save_checkpoint(root: str | Path, state: TrainState) -> Path:
@@ -194,7 +207,9 @@ def save_checkpoint(root: str | Path, state: TrainState) -> Path:
         write_run_config(target, state.arch, state.hf_extras, source="prolong_nemo cpu runner")
     dist.barrier()
     if dist.get_rank() == 0:
-        (root / LATEST_FILE).write_text(f"{state.step}\n")
+        from prolong_nemo.convert.megatron_io import write_atomic
+
+        write_atomic(root / LATEST_FILE, f"{state.step}\n".encode())
     return target
 
 
@@ -218,16 +233,16 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, where: Path) -> N
                            f"unexpected {unexpected[:5]})")
 
 
-def load_checkpoint(root: str | Path, state: TrainState) -> bool:
+def load_checkpoint(root: str | Path, state: TrainState, log: Callable[[str], None] | None = None) -> bool:
     """Resume model, optimizer, scheduler and data position from the latest checkpoint."""
     from megatron.core import dist_checkpointing
 
-    step = latest_step(root)
-    if step is None:
+    folder = latest_checkpoint(root, log)
+    if folder is None:
         return False
-    loaded = dist_checkpointing.load({"model": state.model.sharded_state_dict()}, str(_iter_dir(Path(root), step)))
-    load_model_state(state.model, loaded["model"], _iter_dir(Path(root), step))
-    state.hf_extras = recorded_hf_extras(_iter_dir(Path(root), step))
+    loaded = dist_checkpointing.load({"model": state.model.sharded_state_dict()}, str(folder))
+    load_model_state(state.model, loaded["model"], folder)
+    state.hf_extras = recorded_hf_extras(folder)
     state.optimizer.load_state_dict(loaded["optimizer"])
     state.scheduler.load_state_dict(loaded["scheduler"])
     state.step = int(loaded["train_state"]["step"])
@@ -303,7 +318,7 @@ def train(cfg: TrainConfig, dataset: Sequence, collate: Callable, log: Callable[
     state = build_state(cfg)
     if start is not None:
         start(state)
-    elif cfg.save_dir and load_checkpoint(cfg.save_dir, state):
+    elif cfg.save_dir and load_checkpoint(cfg.save_dir, state, log):
         log(f"resumed from {cfg.save_dir} at step {state.step} ({state.consumed_samples} samples)")
     log_line = log_line or (lambda record, state, elapsed, done: format_log(record, cfg, state, elapsed, done))
     started, steps_done = time.perf_counter(), 0
