@@ -32,3 +32,13 @@ def write_random_domain(folder, n: int, length: int, *, seed: int = 0, with_mask
         samples.append(sample)
     write_domain(str(folder), samples, with_mask=with_mask, size_limit=size_limit)
     return samples
+
+
+class Exploit:
+    """A value whose unpickling creates the file `path` (proof that something unpickled it)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -11,7 +11,7 @@ import pytest
 from prolong_nemo.data.mds import DataError, MdsDomain, write_domain
 from prolong_nemo.data.mixture import Mixture
 
-from data_fixtures import write_random_domain
+from data_fixtures import Exploit, write_random_domain
 
 
 def edit_index(folder: Path, edit) -> None:
@@ -98,14 +98,6 @@ def test_remote_domain_path_cannot_leave_the_cache(tmp_path, fake_remote):
 
 
 # ---- item 3: only the encodings of our format are decoded ----------------------------------------
-
-class Exploit:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
 
 def test_pickle_column_is_never_unpickled(tmp_path):
     pwned = tmp_path / "pwned"

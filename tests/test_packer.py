@@ -384,3 +384,20 @@ def test_pack_refuses_masks_that_do_not_fit(tmp_path, encoding, mask, message):
     with pytest.raises(DataError, match=rf"raw sample {bad}: {message}") as err:
         pack_mds([tmp_path / "raw"], tmp_path / "out", PackOptions(pack_length=4), progress=False)
     assert "\n" not in str(err.value)
+
+
+def test_pack_never_unpickles_a_pkl_column(tmp_path):
+    """Raw MDS columns encoded `pkl` would run code from the data when streaming decodes them
+    (issue 13, item 3): the packer checks the index's encodings before reading any sample."""
+    from data_fixtures import Exploit
+
+    from prolong_nemo.errors import DataError
+
+    pwned = tmp_path / "pwned"
+    sample = {"input_ids": np.array([1, 2, 3], dtype=np.uint32), "length": 3, "domain": "a",
+              "extra": Exploit(str(pwned))}
+    write_raw_columns(tmp_path / "raw", [sample], dict(RAW_COLUMNS, extra="pkl"))
+    assert not pwned.exists()
+    with pytest.raises(DataError, match=r"raw/index.json: shard shard.00000.mds: column 'extra' has encoding 'pkl'"):
+        pack_mds([tmp_path / "raw"], tmp_path / "out", PackOptions(pack_length=4), progress=False)
+    assert not pwned.exists() and not (tmp_path / "out").exists()

@@ -85,32 +85,8 @@ class MdsDomain:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{index}: invalid MDS index ({e.__class__.__name__}: {e})") from None
         readers = [self._reader(info, i) for i, info in enumerate(infos)]
-        seen: dict[str, str] = {}
-        for reader in readers:
-            basename = reader.raw_data.basename
-            self._check_basename(index, basename)
-            key = os.path.normpath(basename)
-            if key in seen:
-                raise DataError(f"{index}: shard basename {basename!r} is listed twice (first as {seen[key]!r}): "
-                                "its samples would be read twice")
-            seen[key] = basename
-            self._check_encodings(index, reader)
+        check_shard_entries(index, readers, self.local, self.path)
         return readers
-
-    def _check_basename(self, index: str, basename: str) -> None:
-        """A shard file must lie inside the domain folder (and, for a remote domain, inside the cache)."""
-        if not isinstance(basename, str) or not basename:
-            raise DataError(f"{index}: shard basename {basename!r} is not a file name")
-        if os.path.isabs(basename) or urllib.parse.urlparse(basename).scheme:
-            raise DataError(f"{index}: shard basename {basename!r} is absolute; shards must lie in the domain folder")
-        if not _inside(os.path.join(self.local, basename), self.local):
-            raise DataError(f"{index}: shard basename {basename!r} points outside the domain folder {self.path}")
-
-    def _check_encodings(self, index: str, reader: MDSReader) -> None:
-        for name, enc in zip(reader.column_names, reader.column_encodings):
-            if not (enc in SAFE_ENCODINGS or enc == "ndarray" or str(enc).startswith(INTEGER_ARRAY)):
-                raise DataError(f"{index}: shard {reader.raw_data.basename}: column {name!r} has encoding {enc!r}; "
-                                f"only ndarray, {', '.join(SAFE_ENCODINGS)} columns are read (ProLong's format)")
 
     def _reader(self, info: dict, shard_id: int) -> MDSReader:
         where = f"{self.path}: shard #{shard_id}"
@@ -209,6 +185,42 @@ class MdsDomain:
         except Exception as e:
             raise DataError(f"{remote}: download failed ({e.__class__.__name__}: {e})") from None
         os.replace(tmp, target)
+
+
+def check_shard_entries(index: str, readers: Sequence[MDSReader], local: str, path: str) -> None:
+    """Before any shard is read or downloaded: every shard file lies inside the domain folder
+    `local` (for a remote domain, its cache), is listed once, and has only column encodings
+    that decode without unpickling (`pkl` would run code from the data)."""
+    seen: dict[str, str] = {}
+    for reader in readers:
+        basename = reader.raw_data.basename
+        if not isinstance(basename, str) or not basename:
+            raise DataError(f"{index}: shard basename {basename!r} is not a file name")
+        if os.path.isabs(basename) or urllib.parse.urlparse(basename).scheme:
+            raise DataError(f"{index}: shard basename {basename!r} is absolute; shards must lie in the domain folder")
+        if not _inside(os.path.join(local, basename), local):
+            raise DataError(f"{index}: shard basename {basename!r} points outside the domain folder {path}")
+        key = os.path.normpath(basename)
+        if key in seen:
+            raise DataError(f"{index}: shard basename {basename!r} is listed twice (first as {seen[key]!r}): "
+                            "its samples would be read twice")
+        seen[key] = basename
+        for name, enc in zip(reader.column_names, reader.column_encodings):
+            if not (enc in SAFE_ENCODINGS or enc == "ndarray" or str(enc).startswith(INTEGER_ARRAY)):
+                raise DataError(f"{index}: shard {basename}: column {name!r} has encoding {enc!r}; "
+                                f"only ndarray, {', '.join(SAFE_ENCODINGS)} columns are read (ProLong's format)")
+
+
+def check_local_index(folder: str) -> None:
+    """`check_shard_entries` for a local MDS folder of any column layout (e.g. raw documents)."""
+    index = os.path.join(folder, INDEX_FILE)
+    try:
+        with open(index) as f:
+            infos = json.load(f)["shards"]
+        readers = [reader_from_json(folder, None, info) for info in infos]
+    except Exception as e:  # streaming raises ValueError / KeyError / TypeError on bad entries
+        raise DataError(f"{index}: invalid MDS index ({e.__class__.__name__}: {e})") from None
+    check_shard_entries(index, readers, folder, folder)
 
 
 def validate_sample(raw: dict, where: str, vocab_size: int) -> Sample:

@@ -42,7 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
-from prolong_nemo.data.mds import LLAMA3_VOCAB_SIZE, MASK_COLUMN, PACKED_COLUMNS, SHARD_SIZE_LIMIT, prepare_output_dir
+from prolong_nemo.data.mds import (
+    LLAMA3_VOCAB_SIZE,
+    MASK_COLUMN,
+    PACKED_COLUMNS,
+    SHARD_SIZE_LIMIT,
+    check_local_index,
+    prepare_output_dir,
+)
 from prolong_nemo.data.packing import check_mask
 from prolong_nemo.errors import DataError, UserError
 
@@ -404,6 +411,7 @@ def iter_raw_documents(mds_dirs: Sequence[Path]) -> Iterator[Document]:
         columns = read_columns(mds_dir)
         if "input_ids" not in columns:
             raise DataError(f"{mds_dir}: no `input_ids` column (columns: {sorted(columns)})")
+        check_local_index(str(mds_dir))  # before streaming decodes anything (pkl columns, stray paths)
         data = LocalDataset(str(mds_dir))
         for i in range(len(data)):
             yield _to_document(data[i], mds_dir, i)
