@@ -160,11 +160,24 @@ def main(argv: Sequence[str]) -> int:
     from megatron.bridge.training.pretrain import pretrain
 
     from prolong_nemo.recipes.stages import load_recipe
-    from prolong_nemo.training.forward_step import StepOptions, make_forward_step
 
     if not argv:
         raise SystemExit("usage: bridge_entry.py <recipe> [hydra overrides]")
     recipe = load_recipe(argv[0], list(argv[1:]))
+    from prolong_nemo.training.run_lock import RunLockError, run_lock
+
+    # One run per checkpoint dir, held from before the start is resolved until pretrain returns;
+    # ranks agree through the lock record (the process group does not exist yet).
+    try:
+        with run_lock(recipe.checkpoint.dir):
+            return _run(recipe, pretrain)
+    except RunLockError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _run(recipe: RecipeConfig, pretrain) -> int:
+    from prolong_nemo.training.forward_step import StepOptions, make_forward_step
+
     start = resolve_start(recipe)
     opened = start.pretrained if start.kind == "weights" else start.load if start.kind != "fresh" else None
     if opened is not None:  # Bridge unpickles .metadata / *.pt with plain pickle: check them first

@@ -315,6 +315,17 @@ def train(cfg: TrainConfig, dataset: Sequence, collate: Callable, log: Callable[
     init_distributed(cp=cfg.cp, seed=cfg.seed)
     if dist.get_rank() != 0:
         log = lambda _line: None  # noqa: E731 - one log stream per run
+    if not cfg.save_dir:
+        return _train(cfg, dataset, collate, log, start, log_line)
+    from prolong_nemo.training.run_lock import run_lock
+
+    with run_lock(cfg.save_dir, rank=dist.get_rank(), log=log):  # one run per checkpoint dir
+        return _train(cfg, dataset, collate, log, start, log_line)
+
+
+def _train(cfg: TrainConfig, dataset: Sequence, collate: Callable, log: Callable[[str], None],
+           start: Callable[[TrainState], None] | None,
+           log_line: Callable[[StepRecord, TrainState, float, int], str] | None) -> TrainState:
     state = build_state(cfg)
     if start is not None:
         start(state)
