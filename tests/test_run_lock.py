@@ -220,3 +220,29 @@ def test_bridge_main_holds_the_lock_through_pretrain_and_refuses_a_held_dir(tmp_
         _kill(holder)
     assert str(e.value).startswith("error: ") and str(ckpt) in str(e.value) and "slurm job 4242" in str(e.value)
     assert len(ran) == 1  # pretrain never ran
+
+
+RANKS = """
+import os, sys, time
+from prolong_nemo.training.run_lock import run_lock
+with run_lock(sys.argv[1], log=print):  # rank and job identity from torchrun's environment
+    print(f"rank {os.environ['RANK']} holds", flush=True)
+    time.sleep(1)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_ranks_of_one_torchrun_job_agree(tmp_path):
+    """Under torchrun the ranks find their job in rank 0's record (RANK, TORCHELASTIC_RUN_ID, MASTER_*)."""
+    from model_fixtures import _free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                              "LOCAL_RANK", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")}
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(script), str(tmp_path / "ckpt")]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(env, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                          timeout=100)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "rank 0 holds" in proc.stdout and "rank 1 holds" in proc.stdout
