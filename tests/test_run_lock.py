@@ -246,3 +246,17 @@ def test_ranks_of_one_torchrun_job_agree(tmp_path):
                           timeout=100)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "rank 0 holds" in proc.stdout and "rank 1 holds" in proc.stdout
+
+
+def test_entry_main_reports_a_held_run_lock_in_one_line(monkeypatch, capsys):
+    """`python -m prolong_nemo.recipes.entry` (the torchrun child's CLI) prints user errors such as
+    a held lock as one line with exit code 2, like `prolong-nemo train`."""
+    from prolong_nemo.recipes import entry
+    from prolong_nemo.training.run_lock import RunLockError
+
+    def held(*args, **kwargs):
+        raise RunLockError("runs/x: held by host h, pid 1")
+
+    monkeypatch.setattr(entry, "train_recipe", held)
+    assert entry.main(["stage_64k_cpu"]) == 2
+    assert capsys.readouterr().err == "error: runs/x: held by host h, pid 1\n"

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+from prolong_nemo.errors import UserError
 from prolong_nemo.recipes.bridge_spec import (
     ProgressMeter,
     StartPoint,
@@ -232,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return train_recipe(args.recipe, args.overrides, backend=args.backend, exit_after=args.exit_after,
                             synthetic_data=args.synthetic_data)
-    except RecipeError as e:
+    except UserError as e:  # bad recipe, data, checkpoint or a held run lock: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
 
