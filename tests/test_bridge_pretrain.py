@@ -241,3 +241,17 @@ def test_bridge_05_sigterm_saves_and_the_resumed_run_matches(bridge05, workspace
     uninterrupted = bridge05["ref"]
     for s, loss in {**bridge05["preempted"], **bridge05["resumed"]}.items():
         assert abs(loss - uninterrupted[s]) <= 1e-6, (s, loss, uninterrupted[s])
+
+
+def test_bridge_checkpoints_pass_the_safety_check(reference, preempted, workspace):
+    """Every checkpoint the real loop wrote (Bridge's train_state.pt, latest_train_state.pt, the
+    distributed optimizer's ShardedObjects) passes the check every start runs before megatron or
+    Bridge unpickles anything (megatron_io.check_checkpoint)."""
+    from prolong_nemo.convert.megatron_io import check_checkpoint
+
+    roots = sorted(p.parent for p in workspace.rglob("latest_checkpointed_iteration.txt"))
+    assert len(roots) >= 5  # 64k, 512k, sft, CP=2, preempted / resumed (+ Bridge 0.5.0's)
+    for root in roots:
+        for folder in sorted(root.glob("iter_*")):
+            assert check_checkpoint(folder) == folder
+        assert check_checkpoint(root, strict=True).parent == root
