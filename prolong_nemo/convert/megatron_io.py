@@ -162,9 +162,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 def bridge_run_config(root: Path) -> dict[str, Any]:
     """Bridge's run_config.yaml of the newest checkpoint in `root` (a checkpoint root with a
     tracker file, or an iteration folder), parsed with the safe YAML loader."""
-    root = Path(root)
-    folder = tracked_iter_dir(root) if (root / TRACKER_FILE).is_file() else root
-    return yaml.safe_load((folder / RUN_CONFIG_FILE).read_text()) or {}
+    folder = latest_iter_dir(Path(root), strict=True) or Path(root)
+    return _load_yaml(folder / RUN_CONFIG_FILE)
 
 
 # ---------------------------------------------------------------- run_config.yaml
