@@ -401,3 +401,20 @@ def test_pack_never_unpickles_a_pkl_column(tmp_path):
     with pytest.raises(DataError, match=r"raw/index.json: shard shard.00000.mds: column 'extra' has encoding 'pkl'"):
         pack_mds([tmp_path / "raw"], tmp_path / "out", PackOptions(pack_length=4), progress=False)
     assert not pwned.exists() and not (tmp_path / "out").exists()
+
+
+def test_pack_refuses_already_packed_input(tmp_path, capsys):
+    """Packed samples (an `indices` column) read as raw documents would lose their document
+    boundaries: `data pack` refuses them in one line naming the folder, before writing anything."""
+    from data_fixtures import write_random_domain
+
+    write_raw(tmp_path / "raw", random_docs(1, 5, 50))
+    write_random_domain(tmp_path / "tree" / "book", 3, 64)  # already ProLong-format
+    rc = cli_main(["data", "pack", str(tmp_path / "raw"), str(tmp_path / "tree"), "-o", str(tmp_path / "out"),
+                   "-l", "16", "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {tmp_path / 'tree' / 'book'}: already packed (its samples have an `indices` column of "
+                   "document boundaries, which packing again would drop); use the folder directly as a training "
+                   "domain (a data.mixture path) instead of packing it\n")
+    assert not (tmp_path / "out").exists()

@@ -28,6 +28,10 @@ token is counted in :class:`PackStats` instead of disappearing silently; with bo
 ids, masks and (with ``split_by_domain``) domain names are checked before use, never cast or
 joined blindly: ids must be integers below the vocabulary (or 2**32), masks unsigned below 256,
 a domain one plain folder name.
+
+Input must be raw documents: an input folder that is already packed (an ``indices`` column) is
+refused, since reading its samples as documents would silently drop their document boundaries;
+such a folder is used as a training domain as it is.
 """
 
 from __future__ import annotations
@@ -431,6 +435,17 @@ def _to_document(sample: dict, mds_dir: Path, i: int) -> Document:
     return Document(ids, str(sample.get("domain", "")), mask, source=where)
 
 
+def refuse_packed_inputs(mds_dirs: Sequence[Path]) -> None:
+    """Packed input (ProLong-format samples, any shard with an `indices` column) read as raw
+    documents would lose its document boundaries: refused, naming the folder."""
+    for mds_dir in mds_dirs:
+        shards = json.loads((Path(mds_dir) / "index.json").read_text())["shards"]
+        if any("indices" in shard.get("column_names", ()) for shard in shards):
+            raise DataError(f"{mds_dir}: already packed (its samples have an `indices` column of document "
+                            "boundaries, which packing again would drop); use the folder directly as a "
+                            "training domain (a data.mixture path) instead of packing it")
+
+
 def has_mask_column(mds_dirs: Sequence[Path]) -> bool:
     """Whether the inputs carry `mask`; all inputs must agree, since the output column set is fixed."""
     flags = {d: "mask" in read_columns(d) for d in mds_dirs}
@@ -473,11 +488,13 @@ def pack_mds(inputs: Sequence[Path], out_dir: Path, options: PackOptions, *,
     """Pack raw MDS documents (folders or trees of folders) into ProLong-format MDS under `out_dir`.
 
     Subsets: `out_dir` itself, or `out_dir/<domain>` with split_by_domain, each with
-    `<chunk>-<pack_length>` sub-folders when split_lengths is set.
+    `<chunk>-<pack_length>` sub-folders when split_lengths is set. Already-packed inputs (an
+    `indices` column) are refused before anything is written: they are training domains as they are.
     """
     from tqdm import tqdm
 
     mds_dirs = [d for p in inputs for d in find_mds_dirs(Path(p))]
+    refuse_packed_inputs(mds_dirs)
     with_mask = has_mask_column(mds_dirs)
     prepare_output_dir(Path(out_dir), overwrite)
     packer, writers = Packer(options), SubsetWriters(Path(out_dir), with_mask)
@@ -501,7 +518,8 @@ def pack_mds(inputs: Sequence[Path], out_dir: Path, options: PackOptions, *,
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", type=Path, help="raw MDS folders (or trees of them)")
+    parser.add_argument("inputs", nargs="+", type=Path, help="raw MDS folders (or trees of them) of unpacked "
+                        "documents; already-packed folders (an `indices` column) are refused: train on them directly")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     parser.add_argument("-l", "--pack-length", type=int, required=True, help="tokens per packed sample")
     parser.add_argument("-s", "--min-length", type=int, default=1,
