@@ -1,6 +1,7 @@
 """`prolong-nemo data inspect` against statistics computed directly from the written samples."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ def test_inspect_reports_exact_statistics(tmp_path, capsys):
     a = write_random_domain(tmp_path / "a", 12, 512, seed=1, max_docs=10)
     b = write_random_domain(tmp_path / "b", 5, 512, seed=2, max_docs=3, with_mask=True)
     png, report = tmp_path / "hist.png", tmp_path / "report.json"
-    rc = main(["data", "inspect", f"{tmp_path}/a=3", f"{tmp_path}/b=1", "--cp-size", "4",
+    rc = main(["data", "inspect", f"{tmp_path}/a=0.75", f"{tmp_path}/b=0.25", "--cp-size", "4",
                "--train-samples", "100", "--png", str(png), "--json", str(report)])
     assert rc == 0
     out = json.loads(report.read_text())
@@ -107,3 +108,81 @@ def test_inspect_refuses_a_signed_mask(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (f"error: {tmp_path / 'chat'}: sample 0: mask must be unsigned integers (target = mask != 0), "
                    "got int8")
+
+
+# ---- issue 10: remote domains need --cache-dir; one proportion rule with `plan` ------------------
+
+def test_inspect_remote_domain_needs_a_cache_dir(tmp_path, capsys, monkeypatch):
+    """A remote domain (s3://, gs://, hf:// ...) is downloaded by mosaicml-streaming into a local
+    folder: without --cache-dir one line names the domain and the option, before anything is read;
+    with it, the index and shards land below the cache and are read from there."""
+    import shutil
+
+    from prolong_nemo.data import mds
+
+    samples = write_random_domain(tmp_path / "bucket" / "book", 3, 64, seed=4)
+    fetched = []
+
+    class FakeS3:  # no network: s3://bucket/... served from tmp_path/bucket/...
+        @staticmethod
+        def get(remote):
+            return FakeS3()
+
+        def download(self, remote, local, timeout):
+            fetched.append((remote, local))
+            shutil.copyfile(tmp_path / remote.removeprefix("s3://"), local)
+
+    monkeypatch.setattr(mds, "CloudDownloader", FakeS3)
+    local = write_random_domain(tmp_path / "local", 2, 64, seed=5)
+    png, report = tmp_path / "h.png", tmp_path / "r.json"
+    args = ["data", "inspect", f"{tmp_path / 'local'}=0.5", "s3://bucket/book/=0.5", "--png", str(png),
+            "--json", str(report)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: s3://bucket/book/: a remote domain: pass --cache-dir DIR (the local folder "
+                   "mosaicml-streaming downloads its index.json and shards to)\n")
+    assert not fetched and not png.exists()
+
+    cache = tmp_path / "cache"
+    assert main(args + ["--cache-dir", str(cache)]) == 0
+    into = cache / "s3" / "bucket" / "book"
+    assert fetched == [("s3://bucket/book/index.json", f"{into / 'index.json'}.tmp.{os.getpid()}"),
+                       ("s3://bucket/book/shard.00000.mds", f"{into / 'shard.00000.mds'}.tmp.{os.getpid()}")]
+    assert sorted(p.name for p in into.iterdir()) == ["index.json", "shard.00000.mds"]
+    got = json.loads(report.read_text())["domains"]
+    assert [d["samples"] for d in got] == [len(local), len(samples)]
+    assert got[1]["documents"] == sum(len(s["indices"]) for s in samples)
+
+
+def test_inspect_refuses_proportions_plan_refuses(tmp_path, capsys):
+    """`plan` refuses a data.mixture whose proportions do not sum to 1; `inspect` used to normalise
+    them (3:1 read as 0.75/0.25). One rule now (Mixture.checked): refused, naming the file."""
+    import yaml
+
+    from prolong_nemo.data.mixture import PROPORTION_SUM_TOLERANCE, Mixture
+    from prolong_nemo.errors import DataError
+
+    write_random_domain(tmp_path / "a", 2, 64, seed=1)
+    write_random_domain(tmp_path / "b", 2, 64, seed=2)
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(yaml.safe_dump({"mixture": {"a": 3, "b": 1}}))
+    png = tmp_path / "h.png"
+    assert main(["data", "inspect", str(mix), "--root", str(tmp_path), "--png", str(png)]) == 2
+    assert capsys.readouterr().err == (f"error: {mix}: mixture proportions sum to 4, not 1 (a=3, b=1): give each "
+                                       "domain its share of the samples drawn, the shares summing to 1 (nothing "
+                                       "is normalised)\n")
+    assert main(["data", "inspect", f"{tmp_path}/a=0.6", f"{tmp_path}/b=0.3", "--png", str(png)]) == 2
+    assert capsys.readouterr().err.startswith("error: mixture proportions sum to 0.9, not 1 (a=0.6, b=0.3): ")
+    assert not png.exists()
+    # the tolerance plan allows (rounded shares), and bare folders (equal shares) pass
+    assert PROPORTION_SUM_TOLERANCE == 1e-6
+    assert [d.proportion for d in Mixture.checked([f"{tmp_path}/a=0.3333333", f"{tmp_path}/b=0.6666667"]).domains] \
+        == [0.3333333, 0.6666667]
+    assert [d.proportion for d in Mixture.checked([str(tmp_path / "a"), str(tmp_path / "b")]).domains] == [0.5, 0.5]
+    with pytest.raises(DataError, match=r"^data.mixture proportions sum to 1.00001, not 1 \(a=0.50001, b=0.5\)"):
+        Mixture.checked({"a": 0.50001, "b": 0.5}, what="data.mixture")
+    mix.write_text(yaml.safe_dump({"mixture": {"a": 0.75, "b": 0.25}}))
+    assert main(["data", "inspect", str(mix), "--root", str(tmp_path), "--png", str(png), "--json",
+                 str(tmp_path / "r.json")]) == 0
+    shares = [d["proportion"] for d in json.loads((tmp_path / "r.json").read_text())["domains"]]
+    assert shares == [0.75, 0.25]

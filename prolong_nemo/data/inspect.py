@@ -1,4 +1,10 @@
-"""Validate and describe a domain folder or a mixture: samples, tokens, documents, CP padding."""
+"""Validate and describe a domain folder or a mixture: samples, tokens, documents, CP padding.
+
+Mixture proportions follow the one rule `plan` applies to a recipe's data.mixture
+(`Mixture.checked`: finite, >= 0, summing to 1; nothing normalised). A remote domain (s3://,
+gs://, hf:// ..., read through mosaicml-streaming's downloaders) needs --cache-dir, the local
+folder its index.json and shards are downloaded to.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from prolong_nemo.data.mds import LLAMA3_VOCAB_SIZE, MdsDomain
+from prolong_nemo.data.mds import LLAMA3_VOCAB_SIZE, DataError, MdsDomain, is_remote
 from prolong_nemo.data.mixture import Mixture
 from prolong_nemo.data.packing import (UNCOVERED_WARN_SHARE, PackingConfig, check_mask, document_segments,
                                        padded_lengths, uncovered_tokens, uncovered_warning)
@@ -82,7 +88,8 @@ def _masked_targets(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> i
 
 
 def inspect_mixture(mixture: Mixture, packing: PackingConfig, **kwargs) -> tuple[list[DomainReport], dict]:
-    total = sum(d.proportion for d in mixture.domains)
+    """Every domain of a mixture whose proportions sum to 1 (`Mixture.require_sum_one`)."""
+    total = sum(d.proportion for d in mixture.require_sum_one().domains)
     reports, lengths = [], {}
     for d in mixture.domains:
         report, doc_lengths = inspect_domain(d.path, d.proportion / total, packing, **kwargs)
@@ -152,8 +159,9 @@ def format_report(reports: list[DomainReport], effective: list[dict], packing: P
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("targets", nargs="+", help="domain folders, 'folder=proportion' items, or a JSON/YAML "
-                        "mixture file ({folder: proportion})")
+    parser.add_argument("targets", nargs="+", help="domain folders (local or remote: s3://, gs://, hf:// ...), "
+                        "'folder=proportion' items, or a JSON/YAML mixture file ({folder: proportion}); "
+                        "proportions must sum to 1 as in a recipe's data.mixture (bare folders: equal shares)")
     parser.add_argument("--root", help="directory that relative domain folders are in")
     parser.add_argument("--cp-size", type=int, default=8, help="context-parallel size for the padding estimate")
     parser.add_argument("--tp-size", type=int, default=1)
@@ -161,6 +169,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int, help="read at most this many samples per domain")
     parser.add_argument("--train-samples", type=int, help="samples a run draws: report epochs per domain")
     parser.add_argument("--vocab-size", type=int, default=LLAMA3_VOCAB_SIZE)
+    parser.add_argument("--cache-dir", help="local folder remote domains are downloaded to (required for them)")
     parser.add_argument("--png", default="doc_lengths.png", help="histogram of document lengths per domain")
     parser.add_argument("--json", help="also write the report as JSON here")
     parser.set_defaults(func=run)
@@ -171,14 +180,25 @@ def load_mixture(targets: list[str], root: str | None) -> Mixture:
         from omegaconf import OmegaConf
 
         spec = OmegaConf.to_container(OmegaConf.load(targets[0]))
-        return Mixture.parse(spec.get("mixture", spec) if isinstance(spec, dict) else spec, root=root)
-    return Mixture.parse(targets, root=root)
+        return Mixture.checked(spec.get("mixture", spec) if isinstance(spec, dict) else spec, root=root,
+                               what=f"{targets[0]}: mixture")
+    return Mixture.checked(targets, root=root)
+
+
+def refuse_remote_without_cache(mixture: Mixture, cache_dir: str | None) -> None:
+    """Before any domain is read: a remote domain needs the local folder streaming downloads to."""
+    remote = [d.path for d in mixture.domains if is_remote(d.path)]
+    if remote and not cache_dir:
+        raise DataError(f"{remote[0]}: a remote domain: pass --cache-dir DIR (the local folder "
+                        "mosaicml-streaming downloads its index.json and shards to)")
 
 
 def run(args: argparse.Namespace) -> int:
     mixture = load_mixture(args.targets, args.root)
+    refuse_remote_without_cache(mixture, args.cache_dir)
     packing = PackingConfig(cp_size=args.cp_size, tp_size=args.tp_size, sequence_parallel=args.sequence_parallel)
-    reports, lengths = inspect_mixture(mixture, packing, max_samples=args.max_samples, vocab_size=args.vocab_size)
+    reports, lengths = inspect_mixture(mixture, packing, max_samples=args.max_samples, vocab_size=args.vocab_size,
+                                       cache_dir=args.cache_dir)
     effective = effective_mixture(reports, args.train_samples)
     print(format_report(reports, effective, packing))
     plot_histograms(lengths, args.png)

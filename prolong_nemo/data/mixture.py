@@ -1,4 +1,12 @@
-"""A data mixture: domain folders and their sampling proportions (ProLong's stage mixes)."""
+"""A data mixture: domain folders and their sampling proportions (ProLong's stage mixes).
+
+The proportion rule of a mixture a user writes (a recipe's ``data.mixture``, checked by ``plan``;
+``data inspect``'s targets) is ``Mixture.checked``: every proportion a finite number >= 0, not all
+zero, no folder twice, and the proportions summing to 1 within ``PROPORTION_SUM_TOLERANCE``.
+Nothing is normalised behind the user's back: 3 and 1 is refused, not read as 0.75 / 0.25.
+A plain ``Mixture`` (the dataset layer's) only needs non-negative weights; Megatron's blend
+normalises those.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from prolong_nemo.data.mds import DataError, is_remote
+
+PROPORTION_SUM_TOLERANCE = 1e-6  # |sum - 1| a written mixture may be off by (rounded shares)
+_NOT_GIVEN = object()  # a bare path: no proportion written
 
 
 @dataclass(frozen=True)
@@ -49,13 +60,16 @@ class Mixture:
     def parse(cls, spec: str | Sequence | Mapping, root: str | None = None) -> "Mixture":
         """From ``{"path": p, ...}``, ``[("path", p), ...]``, ``["path=p", ...]`` or ``"path=p,path=p"``.
 
-        A bare path means one domain with proportion 1. Relative paths are joined to ``root``.
+        A bare path (no proportion) means proportion 1; when no domain gives one, the n domains
+        get equal shares 1/n. Relative paths are joined to ``root``.
         """
         if isinstance(spec, str):
             spec = [s for s in spec.split(",") if s.strip()]
-        items = spec.items() if isinstance(spec, Mapping) else (_pair(s) for s in spec)
+        items = list(spec.items()) if isinstance(spec, Mapping) else [_pair(s) for s in spec]
+        bare = 1.0 / len(items) if items and all(p is _NOT_GIVEN for _, p in items) else 1.0
         domains = []
         for path, proportion in items:
+            proportion = bare if proportion is _NOT_GIVEN else proportion
             path = str(path).strip()
             if root and not os.path.isabs(path) and not is_remote(path):
                 path = os.path.join(root, path)
@@ -65,6 +79,23 @@ class Mixture:
                 raise DataError(f"{path}: proportion {proportion!r} is not a number") from None
             domains.append(DomainSpec(path, proportion))
         return cls(tuple(domains))
+
+    @classmethod
+    def checked(cls, spec: str | Sequence | Mapping, root: str | None = None, what: str = "mixture") -> "Mixture":
+        """``parse`` under the proportion rule of a written mixture (module docstring): what
+        ``data inspect`` reads and what a recipe's ``data.mixture`` must pass. ``what`` names the
+        mixture in the error (``"data.mixture"``, ``"<file>: mixture"``)."""
+        return cls.parse(spec, root).require_sum_one(what)
+
+    def require_sum_one(self, what: str = "mixture") -> "Mixture":
+        """This mixture, if its proportions sum to 1 (within PROPORTION_SUM_TOLERANCE); else a
+        one-line DataError listing them."""
+        total = sum(d.proportion for d in self.domains)
+        if abs(total - 1.0) > PROPORTION_SUM_TOLERANCE:
+            listing = ", ".join(f"{d.name}={d.proportion:g}" for d in self.domains)
+            raise DataError(f"{what} proportions sum to {total:.10g}, not 1 ({listing}): give each domain its "
+                            "share of the samples drawn, the shares summing to 1 (nothing is normalised)")
+        return self
 
     @property
     def active(self) -> tuple[DomainSpec, ...]:
@@ -90,11 +121,12 @@ def _resolved(path: str) -> str:
     return os.path.realpath(path)
 
 
-def _pair(item) -> tuple[str, float]:
+def _pair(item) -> tuple[str, object]:
+    """(path, proportion as given, or _NOT_GIVEN)."""
     if isinstance(item, str):
         path, sep, proportion = item.rpartition("=")
-        return (path, proportion) if sep else (item, 1.0)
+        return (path, proportion) if sep else (item, _NOT_GIVEN)
     if isinstance(item, Mapping):
-        return item["path"], item.get("proportion", 1.0)
+        return item["path"], item.get("proportion", _NOT_GIVEN)
     path, proportion = item
     return path, proportion
