@@ -724,3 +724,106 @@ def test_bridge_trackers_are_written(tmp_path):
         source = state_py.read_text()
         body = source[source.index("def load_state_dict"):source.index("class FaultToleranceState")]
         assert set(re.findall(r'state_dict\["(\w+)"\]', body)) == set(latest)
+
+
+# ---------------------------------------------------------------- issue 10: generation config, --dtype
+
+
+SAMPLING = {"bos_token_id": 1, "eos_token_id": [2, 9], "do_sample": True, "temperature": 0.7, "top_p": 0.95,
+            "transformers_version": "4.57.6"}
+
+
+def test_export_carries_the_source_generation_config(tmp_path):
+    """HF -> Megatron records the source's generation_config.json; the export writes it back as it was
+    (also through the record Bridge training writes from the start's ids, and with a given arch)."""
+    from prolong_nemo.convert.megatron_io import read_recorded_ids, write_prolong_record
+
+    src = make_hf_model(tmp_path / "hf")
+    (src / "generation_config.json").write_text(json.dumps(SAMPLING))
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    iter_dir = resolve_iter_dir(tmp_path / "mg")
+    assert read_recorded_config(iter_dir)[1].generation_config == SAMPLING
+    megatron_to_hf(tmp_path / "mg", tmp_path / "out", **quiet())
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == SAMPLING
+    # a training checkpoint's record (prolong_record.yaml) made from the start checkpoint's ids
+    arch, extras = read_recorded_config(iter_dir)
+    bridge_only_run_config(iter_dir)
+    write_prolong_record(iter_dir, arch, read_recorded_ids(iter_dir) or extras)
+    megatron_to_hf(tmp_path / "mg", tmp_path / "trained", **quiet())
+    assert json.loads((tmp_path / "trained" / "generation_config.json").read_text()) == SAMPLING
+    megatron_to_hf(tmp_path / "mg", tmp_path / "arch", arch=arch.replace(rope_theta=8e6), **quiet())
+    assert json.loads((tmp_path / "arch" / "generation_config.json").read_text()) == SAMPLING
+
+
+def test_export_without_a_recorded_generation_config_writes_only_the_ids(tmp_path):
+    """No generation_config.json at conversion time: the export writes bos/eos only (greedy, as
+    transformers derives it from config.json), no invented sampling settings."""
+    from transformers import GenerationConfig
+
+    src = make_hf_model(tmp_path / "hf", eos_token_id=[2, 9])
+    (src / "generation_config.json").unlink()
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    assert read_recorded_config(resolve_iter_dir(tmp_path / "mg"))[1].generation_config is None
+    megatron_to_hf(tmp_path / "mg", tmp_path / "out", **quiet())
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == {"bos_token_id": 1,
+                                                                                      "eos_token_id": [2, 9]}
+    loaded = GenerationConfig.from_pretrained(tmp_path / "out")
+    assert (loaded.do_sample, loaded.temperature, loaded.top_p, loaded.eos_token_id) == (False, 1.0, 1.0, [2, 9])
+    # --ids-from a folder with a generation_config.json carries that one
+    instruct = make_hf_model(tmp_path / "instruct", bos_token_id=1, eos_token_id=[2, 9])
+    (instruct / "generation_config.json").write_text(json.dumps(SAMPLING))
+    assert cli_main(["convert", "megatron-to-hf", str(tmp_path / "mg"), str(tmp_path / "ids"), "--quiet",
+                     "--ids-from", str(instruct)]) == 0
+    assert json.loads((tmp_path / "ids" / "generation_config.json").read_text()) == SAMPLING
+
+
+def test_bad_generation_config_is_refused_naming_the_file(tmp_path, capsys):
+    src = make_hf_model(tmp_path / "hf")
+    (src / "generation_config.json").write_text("[1, 2]")
+    assert cli_main(["convert", "hf-to-megatron", str(src), str(tmp_path / "mg"), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"error: {src / 'generation_config.json'}: not a JSON object\n"
+    (src / "generation_config.json").write_text("{oops")
+    assert cli_main(["convert", "hf-to-megatron", str(src), str(tmp_path / "mg"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {src / 'generation_config.json'}: not valid JSON (") and err.count("\n") == 1
+    assert not (tmp_path / "mg").exists()
+
+
+def test_export_dtype_casts_while_streaming(tmp_path, monkeypatch):
+    """A float32 checkpoint exported with --dtype bfloat16: every tensor is the bf16 cast of the
+    source, config.json says bfloat16; the cast reads one Megatron tensor slice at a time."""
+    src = make_hf_model(tmp_path / "hf", dtype=torch.float32)
+    hf_to_megatron(src, tmp_path / "mg", **quiet())
+    source = all_tensors(src)
+    largest = max(t.nbytes for t in source.values()) * 3  # a fused QKV / gate+up slice at most
+    reads = []
+    original = dcp_io.DistCheckpointReader.read_region
+    monkeypatch.setattr(dcp_io.DistCheckpointReader, "read_region",
+                        lambda self, *a: reads.append(original(self, *a)) or reads[-1])
+    assert cli_main(["convert", "megatron-to-hf", str(tmp_path / "mg"), str(tmp_path / "bf16"), "--quiet",
+                     "--dtype", "bfloat16"]) == 0
+    assert reads and max(r.nbytes for r in reads) <= largest and all(r.dtype == torch.float32 for r in reads)
+    assert_bit_exact({n: t.to(torch.bfloat16) for n, t in source.items()}, all_tensors(tmp_path / "bf16"))
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in config  # transformers >= 4.56 reads "dtype"
+    megatron_to_hf(tmp_path / "mg", tmp_path / "fp16", dtype="float16", **quiet())
+    assert_bit_exact({n: t.to(torch.float16) for n, t in source.items()}, all_tensors(tmp_path / "fp16"))
+    # auto (the default): the stored dtype, copied file-to-file as before
+    reads.clear()
+    assert cli_main(["convert", "megatron-to-hf", str(tmp_path / "mg"), str(tmp_path / "auto"), "--quiet"]) == 0
+    assert not reads
+    assert_bit_exact(source, all_tensors(tmp_path / "auto"))
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["dtype"] == "float32"
+    # a bf16 checkpoint widened to float32 is exact
+    src16 = make_hf_model(tmp_path / "hf16")
+    hf_to_megatron(src16, tmp_path / "mg16", **quiet())
+    megatron_to_hf(tmp_path / "mg16", tmp_path / "fp32", dtype=torch.float32, **quiet())
+    assert_bit_exact({n: t.float() for n, t in all_tensors(src16).items()}, all_tensors(tmp_path / "fp32"))
+
+
+def test_export_dtype_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["convert", "megatron-to-hf", str(tmp_path / "mg"), str(tmp_path / "x"), "--dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+    with pytest.raises(ConversionError, match=r"^dtype 'fp8': not one of auto, bfloat16, float16, float32$"):
+        megatron_to_hf(tmp_path / "mg", tmp_path / "x", dtype="fp8", **quiet())

@@ -1,4 +1,8 @@
-"""`prolong-nemo convert ...`: Llama-3 checkpoints between Hugging Face and Megatron."""
+"""`prolong-nemo convert ...`: Llama-3 checkpoints between Hugging Face and Megatron.
+
+hf-to-megatron records the source's bos/eos ids, dtype and generation_config.json with the
+checkpoint; megatron-to-hf writes them back (--dtype casts the tensors while streaming).
+"""
 
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ def _arch_override(args: argparse.Namespace):
 
     extras = None
     if args.arch_from:
-        arch, extras = hf_config.arch_from_hf_config(hf_config.read_config(args.arch_from), str(args.arch_from))
+        arch, extras = hf_config.read_hf_model(args.arch_from)
     elif args.preset:
         arch = preset(args.preset)
     else:
@@ -53,7 +57,7 @@ def _arch_override(args: argparse.Namespace):
         arch = arch.replace(rope_theta=args.rope_theta)
     if args.max_position_embeddings is not None:
         arch = arch.replace(max_position_embeddings=args.max_position_embeddings)
-    return arch, extras  # --arch-from also gives the folder's bos/eos ids
+    return arch, extras  # --arch-from also gives the folder's bos/eos ids and generation_config.json
 
 
 def _megatron_to_hf(args: argparse.Namespace) -> int:
@@ -67,9 +71,9 @@ def _megatron_to_hf(args: argparse.Namespace) -> int:
     if args.ids_from:  # e.g. the Instruct model a run started from: it stops on <|eot_id|>
         from prolong_nemo.convert import hf_config
 
-        extras = hf_config.arch_from_hf_config(hf_config.read_config(args.ids_from), str(args.ids_from))[1]
+        extras = hf_config.read_hf_model(args.ids_from)[1]
     result = megatron_to_hf(
-        args.ckpt, args.out, arch=arch, extras=extras, tokenizer_dir=args.tokenizer,
+        args.ckpt, args.out, arch=arch, extras=extras, tokenizer_dir=args.tokenizer, dtype=args.dtype,
         max_shard_bytes=args.max_shard_size, overwrite=args.overwrite, fsync=not args.no_fsync,
         show_progress=not args.quiet,
     )
@@ -103,6 +107,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from prolong_nemo.convert.hf_config import EXPORT_DTYPES
+
     sub = parser.add_subparsers(dest="convert_command", required=True)
 
     p = sub.add_parser("hf-to-megatron", help="HF Llama folder -> Megatron torch_dist checkpoint (Bridge layout)")
@@ -118,10 +124,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--tokenizer", type=Path, help="copy tokenizer files from this folder")
     p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="safetensors shard size (default 5GB)")
+    p.add_argument("--dtype", choices=("auto", *EXPORT_DTYPES), default="auto",
+                   help="dtype of the exported tensors, cast while streaming; config.json's dtype follows "
+                   "(default auto: the checkpoint's stored dtype)")
     p.add_argument("--arch-from", type=Path, help="HF folder whose config.json gives the architecture "
                    "(only for checkpoints without a recorded config)")
     p.add_argument("--preset", help="LlamaArch preset for checkpoints without a recorded config")
-    p.add_argument("--ids-from", type=Path, help="HF folder whose bos/eos token ids the export carries, keeping "
+    p.add_argument("--ids-from", type=Path, help="HF folder whose bos/eos token ids (and generation_config.json, "
+                   "else ids only) the export carries, keeping "
                    "the checkpoint's architecture (needed when the checkpoint records no ids, e.g. one "
                    "Megatron-Bridge saved without prolong_nemo's record; give the model the run started "
                    "from, e.g. Llama-3-8B-Instruct, so generation stops on <|eot_id|>)")

@@ -3,14 +3,20 @@
 transformers 4 writes `rope_theta` / `rope_scaling` at the top level, transformers 5 writes
 `rope_parameters`; both are read, and both are written (consistently) so either version
 loads the exported folder. Anything megatron-core's GPTModel cannot reproduce is refused.
+
+`generation_config.json`: the source model's, when the conversion recorded one (HfExtras, kept in
+the checkpoint's `prolong.hf` record), is written back as it was; otherwise only the bos/eos ids
+(what transformers derives from config.json: greedy decoding), never invented sampling settings.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from prolong_nemo.convert.mapping import ConversionError
 from prolong_nemo.model.config import LlamaArch
@@ -19,26 +25,47 @@ from prolong_nemo.model.config import LlamaArch
 LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 LLAMA3_BOS, LLAMA3_EOS = 128000, 128001
 TRANSFORMERS_VERSION = "4.57.6"
+GENERATION_CONFIG_FILE = "generation_config.json"
+# `convert megatron-to-hf --dtype`: config.json's "dtype" name -> the tensors' dtype; "auto" keeps the stored one.
+EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def export_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """The dtype an export casts to; None for "auto" (the checkpoint's stored dtype)."""
+    if name is None or name == "auto":
+        return None
+    if isinstance(name, torch.dtype) and name in EXPORT_DTYPES.values():
+        return name
+    if isinstance(name, str) and name in EXPORT_DTYPES:
+        return EXPORT_DTYPES[name]
+    raise ConversionError(f"dtype {name!r}: not one of auto, {', '.join(EXPORT_DTYPES)}")
 
 
 @dataclass(frozen=True)
 class HfExtras:
-    """Config fields with no place in LlamaArch that an export should carry over."""
+    """Config fields with no place in LlamaArch that an export should carry over, and the source
+    model's generation_config.json (None: it had none, or the record predates carrying it)."""
 
     bos_token_id: int | list[int] | None = LLAMA3_BOS
     eos_token_id: int | list[int] | None = LLAMA3_EOS
     torch_dtype: str = "bfloat16"
+    generation_config: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "torch_dtype": self.torch_dtype}
+        d = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "torch_dtype": self.torch_dtype}
+        if self.generation_config is not None:
+            d["generation_config"] = dict(self.generation_config)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "HfExtras":
         d = d or {}
+        generation = d.get("generation_config")
         return cls(
             bos_token_id=d.get("bos_token_id", LLAMA3_BOS),
             eos_token_id=d.get("eos_token_id", LLAMA3_EOS),
             torch_dtype=d.get("torch_dtype", "bfloat16"),
+            generation_config=dict(generation) if isinstance(generation, dict) else None,
         )
 
 
@@ -48,6 +75,28 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise ConversionError(f"{path}: no config.json (not a Hugging Face model folder)")
     with open(path) as f:
         return json.load(f)
+
+
+def read_generation_config(folder: Path) -> dict[str, Any] | None:
+    """A HF folder's generation_config.json as a dict, None when it has none."""
+    path = Path(folder) / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: not a JSON object")
+    return data
+
+
+def read_hf_model(folder: Path) -> tuple[LlamaArch, HfExtras]:
+    """Architecture and extras of a HF Llama folder: config.json and generation_config.json."""
+    folder = Path(folder)
+    arch, extras = arch_from_hf_config(read_config(folder), str(folder / "config.json"))
+    return arch, replace(extras, generation_config=read_generation_config(folder))
 
 
 def _rope_fields(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
@@ -169,11 +218,7 @@ def hf_config_dict(arch: LlamaArch, extras: HfExtras) -> dict[str, Any]:
 
 
 def generation_config_dict(extras: HfExtras) -> dict[str, Any]:
-    return {
-        "bos_token_id": extras.bos_token_id,
-        "eos_token_id": extras.eos_token_id,
-        "do_sample": True,
-        "temperature": 0.6,
-        "top_p": 0.9,
-        "transformers_version": TRANSFORMERS_VERSION,
-    }
+    """The recorded source generation_config.json as it was, else the bos/eos ids only."""
+    if extras.generation_config is not None:
+        return dict(extras.generation_config)
+    return {"bos_token_id": extras.bos_token_id, "eos_token_id": extras.eos_token_id}

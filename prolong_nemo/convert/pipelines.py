@@ -6,13 +6,14 @@ is assembled by reading its row blocks straight from the HF files into one reuse
 appended to the dist checkpoint as one record. Megatron -> HF: all shapes are checked first;
 then each Megatron tensor (one layer slice) has its row blocks copied file-to-file into the
 HF tensors of a safetensors shard whose header was written first (through memory when the
-stored record cannot be mapped). Both write a temporary sibling folder renamed at the end.
+stored record cannot be mapped, or when `dtype` casts it: one tensor slice at a time, never the
+whole model). Both write a temporary sibling folder renamed at the end.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -128,7 +129,7 @@ def hf_to_megatron(
     """
     t0 = time.perf_counter()
     hf_dir = Path(hf_dir)
-    arch, extras = hf_config.arch_from_hf_config(hf_config.read_config(hf_dir), str(hf_dir / "config.json"))
+    arch, extras = hf_config.read_hf_model(hf_dir)  # extras: ids, dtype, generation_config.json
     if rope_theta is not None:
         arch = arch.replace(rope_theta=float(rope_theta))
     if max_position_embeddings is not None:
@@ -260,10 +261,11 @@ def _segments(arch, reader, job: ExportJob) -> list[Segment]:
     return _layer_segments(arch, reader, job.tmap, job.layer)
 
 
-def _export_jobs(arch: LlamaArch, reader: dcp_io.DistCheckpointReader) -> list[ExportJob]:
-    """Every Megatron tensor in HF order; validates shapes before anything is written, and
-    refuses model tensors the export has no place for (biases, QK norms, ...) instead of
-    silently dropping them. Other keys (optimizer state, ...) are never read."""
+def _export_jobs(arch: LlamaArch, reader: dcp_io.DistCheckpointReader,
+                 cast: torch.dtype | None = None) -> list[ExportJob]:
+    """Every Megatron tensor in HF order (as `cast`, else its stored dtype); validates shapes
+    before anything is written, and refuses model tensors the export has no place for (biases,
+    QK norms, ...) instead of silently dropping them. Other keys (optimizer state, ...) are never read."""
     jobs, used = [], set()
     for layer, tmap in [(None, m) for m in mapping.global_maps(arch)] + [
         (i, m) for i in range(arch.num_layers) for m in mapping.LAYER_MAPS
@@ -274,7 +276,7 @@ def _export_jobs(arch: LlamaArch, reader: dcp_io.DistCheckpointReader) -> list[E
         dtypes = {reader.dtype(seg.key) for seg in segments}
         if len(dtypes) != 1:
             raise ConversionError(f"{reader.directory}: tensor {tmap.mcore} (layer {layer}) mixes dtypes {dtypes}")
-        dtype = dtypes.pop()
+        dtype = cast or dtypes.pop()
         job.hf.extend(PlannedTensor(n, dtype, mapping.hf_shape(arch, n)) for n in tmap.hf_names(layer))
         jobs.append(job)
     unknown = sorted(k for k in reader.tensor_keys() if k.startswith(mapping.MODEL_PREFIXES) and k not in used)
@@ -288,16 +290,18 @@ def _export_jobs(arch: LlamaArch, reader: dcp_io.DistCheckpointReader) -> list[E
 
 def _export(arch: LlamaArch, reader: dcp_io.DistCheckpointReader, job: ExportJob, writer: ShardWriter) -> None:
     """Move one Megatron tensor's rows into its HF tensors: a file-to-file copy per row block
-    when the rows sit contiguously in one stored record, else through memory."""
+    when the rows sit contiguously in one stored record of the HF dtype, else through memory
+    (one segment, cast per row block)."""
     names = [t.name for t in job.hf]
     shape = mapping.mcore_shape(arch, job.tmap)
-    row_bytes = torch.Size(shape[1:]).numel() * job.hf[0].dtype.itemsize
+    dtype = job.hf[0].dtype
+    row_bytes = torch.Size(shape[1:]).numel() * dtype.itemsize
     blocks, at = [], 0
     for b in mapping.row_blocks(arch, job.tmap):
         blocks.append((at, b))
         at += b.count
     for seg in _segments(arch, reader, job):
-        where = reader.locate(seg.key, seg.start, seg.size)
+        where = reader.locate(seg.key, seg.start, seg.size) if reader.dtype(seg.key) == dtype else None
         data = None if where is not None else reader.read_region(seg.key, seg.start, seg.size).reshape(seg.rows, -1)
         for m0, b in blocks:  # intersect the segment's rows with each HF row block
             lo, hi = max(m0, seg.row), min(m0 + b.count, seg.row + seg.rows)
@@ -307,7 +311,7 @@ def _export(arch: LlamaArch, reader: dcp_io.DistCheckpointReader, job: ExportJob
             if where is not None:
                 writer.copy_rows(names[b.part], dst, where[0], where[1] + (lo - seg.row) * row_bytes, (hi - lo) * row_bytes)
             else:
-                writer.write_at(names[b.part], dst, data[lo - seg.row: hi - seg.row])
+                writer.write_at(names[b.part], dst, data[lo - seg.row: hi - seg.row].to(dtype))
         del data
 
 
@@ -318,6 +322,7 @@ def megatron_to_hf(
     arch: LlamaArch | None = None,
     extras: hf_config.HfExtras | None = None,
     tokenizer_dir: Path | None = None,
+    dtype: str | torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     fsync: bool = True,
@@ -327,11 +332,15 @@ def megatron_to_hf(
 
     The config is the checkpoint's own (its recorded rope_theta / max_position_embeddings), unless
     `arch` is given; bos/eos ids are `extras`, else those recorded with the checkpoint. A checkpoint
-    that records none is refused (ConversionError) rather than exported with base Llama-3 ids.
+    that records none is refused (ConversionError) rather than exported with base Llama-3 ids;
+    generation_config.json is the one recorded with the ids (hf_config.generation_config_dict).
+    `dtype` ("bfloat16", "float16", "float32", a torch dtype; None / "auto": the stored dtype)
+    is what the safetensors hold and config.json's "dtype" says, cast while streaming.
     Optimizer and RNG entries are never read. Tokenizer files come from `tokenizer_dir`, else
     from the checkpoint's `tokenizer/` folder when present.
     """
     t0 = time.perf_counter()
+    cast = hf_config.export_dtype(dtype)
     iter_dir = megatron_io.resolve_iter_dir(Path(ckpt))
     if arch is None:
         recorded, own = megatron_io.read_recorded_config(iter_dir)
@@ -343,9 +352,8 @@ def megatron_to_hf(
     reader = dcp_io.DistCheckpointReader(iter_dir)
     try:
         _check_tie(recorded, reader)
-        jobs = _export_jobs(recorded, reader)
-        dtype = str(jobs[0].hf[0].dtype).replace("torch.", "")
-        extras = hf_config.HfExtras(extras.bos_token_id, extras.eos_token_id, dtype)
+        jobs = _export_jobs(recorded, reader, cast)
+        extras = replace(extras, torch_dtype=str(jobs[0].hf[0].dtype).replace("torch.", ""))
         with outputs.atomic_output_dir(out_dir, overwrite) as tmp:
             nbytes = _write_hf(recorded, reader, jobs, tmp, max_shard_bytes, show_progress, fsync)
             _write_json(tmp / "config.json", hf_config.hf_config_dict(recorded, extras))
