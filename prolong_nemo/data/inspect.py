@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from prolong_nemo.data.mds import LLAMA3_VOCAB_SIZE, DataError, MdsDomain, is_remote
+from prolong_nemo.data.mds import LLAMA3_VOCAB_SIZE, MdsDomain, is_remote
 from prolong_nemo.data.mixture import Mixture
 from prolong_nemo.data.packing import (UNCOVERED_WARN_SHARE, PackingConfig, check_mask, document_segments,
                                        padded_lengths, uncovered_tokens, uncovered_warning)
+from prolong_nemo.errors import DataError
 
 PERCENTILES = (5, 25, 50, 75, 95, 100)
 
