@@ -9,6 +9,7 @@ import pytest
 
 from prolong_nemo.cli import main as cli_main
 from prolong_nemo.model.config import preset
+from prolong_nemo.model.flops import GPU_PEAKS, MFU_BAND, flops_per_token, forward_flops_from_moments, step_cost
 from prolong_nemo.recipes.config import ParallelConfig
 from prolong_nemo.recipes.plan import (
     GB,
@@ -380,3 +381,95 @@ def test_reshardable_format_with_padded_buckets_is_warned_about():
     # power-of-two DP x CP, or the DP-reshardable format: nothing to warn about
     for overrides in (["checkpoint.optim_reshardable=true"], over[:2]):
         assert not [w for w in make_plan(load_recipe("stage_64k", overrides), env=GOOD_ENV).warnings if "bucket" in w]
+
+
+# ---------------------------------------------------------------------------------------------
+# Step time: model FLOPs from the mixture's document lengths, the MFU band, published figures
+# ---------------------------------------------------------------------------------------------
+# Megatron-Bridge performance summary, NeMo 25.11 container, DGX-H100 (docs/performance-summary.md,
+# https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/main/docs/performance-summary.md; 25.09: 14,079
+# and 725): LLAMA3_8B, 8 GPUs, FP8 current scaling, GBS 128, MBS 1, sequence 8192, no document
+# masking. FP8: the table has no BF16 Llama-3-8B row on H100.
+BRIDGE_LLAMA3_8B_H100_FP8 = {"seq_length": 8192, "tokens_per_s_per_gpu": 14451, "model_tflops_per_gpu": 744}
+# ProLong (Gao et al. 2024, arXiv:2410.02660), the paper's training-cost table: the 64K stage (20B
+# tokens) about 2.2K H100 hours, the 512K stage (20B tokens) about 12.2K. Their stack
+# (github.com/princeton-nlp/ProLong train_64K.sh / train_512K.sh): Hugging Face Transformers +
+# FSDP full sharding + gradient checkpointing + FlashAttention-2, Ulysses-style sequence
+# parallelism over 8 GPUs at 512K.
+PROLONG_H100_HOURS = {"stage_64k": 2200, "stage_512k": 12200}
+
+
+def test_plan_prints_the_step_cost_from_default_lengths(capsys):
+    plan = make_plan(load_recipe("stage_64k"), env=GOOD_ENV)
+    lengths, cost = plan.lengths, plan.cost
+    assert lengths.source == "default" and "does not exist" in lengths.detail  # no data on this machine
+    assert lengths.tokens == 65536
+    per_sample = 3 * forward_flops_from_moments(L3, 65536, lengths.sum_sq).total
+    assert cost.per_step.total == pytest.approx(64 * per_sample)
+    assert cost.per_step.dominant == "dense" and cost.gpu.name == "H100-SXM" and cost.gpus == 8
+    # full recompute runs the decoder layers' forward again; the chunked loss the LM head's
+    f = forward_flops_from_moments(L3, 65536, lengths.sum_sq) * 64
+    assert cost.hardware_per_step.total == pytest.approx(4 * f.total)
+    fast, slow = cost.band()["gpu_hours"]
+    assert fast == pytest.approx(cost.per_step.total * 5000 / (0.5 * 989.4e12) / 3600)
+    assert slow == pytest.approx(fast * 0.5 / 0.3)
+    report = plan.report()
+    assert "step cost    model FLOPs per step" in report and "dense dominates" in report
+    assert "30-50% MFU of H100-SXM bf16 dense peak 989 TFLOP/s" in report and "GPU-hours" in report
+    # 512K: attention dominates, also in the JSON
+    assert cli_main(["plan", "stage_512k", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["cost"]["dominant"] == "attention" and data["lengths"]["source"] == "default"
+    assert data["cost"]["terms"]["attention"] > 2 * data["cost"]["terms"]["dense"]
+    assert len(data["cost"]["gpu_hours"]) == 2 and data["cost"]["mfu_band"] == list(MFU_BAND)
+    # a CPU recipe has no GPU to time
+    assert make_plan(load_recipe("stage_64k_cpu"), env=GOOD_ENV).cost is None
+    assert make_plan(load_recipe("stage_64k", ["cluster.gpu_memory_gb=141"]), env=GOOD_ENV).cost.gpu.name == "H200-SXM"
+
+
+def test_plan_reads_the_lengths_from_the_data(tmp_path):
+    from data_fixtures import write_random_domain
+
+    long = write_random_domain(tmp_path / "long", 4, 8192, seed=3, max_docs=2)
+    short = write_random_domain(tmp_path / "short", 4, 8192, seed=4, max_docs=30)
+    over = [f"data.root={tmp_path}", "data.sequence_length=8192",
+            "data.mixture=[{path:long,proportion:0.6},{path:short,proportion:0.4}]"]
+    plan = make_plan(load_recipe("stage_64k", over), env=GOOD_ENV)
+    assert plan.lengths.source == "data" and plan.lengths.samples_read == 8
+
+    def mean_sum_sq(samples):
+        return sum(float(sum((b - a) ** 2 for a, b in s["indices"] if b - a > 1)) for s in samples) / len(samples)
+
+    assert plan.lengths.sum_sq == pytest.approx(0.6 * mean_sum_sq(long) + 0.4 * mean_sum_sq(short))
+    assert "read 8 samples of 2 domains" in plan.report()
+
+
+def test_bridge_published_llama3_8b_h100_throughput_is_in_the_band():
+    pub = BRIDGE_LLAMA3_8B_H100_FP8
+    s = pub["seq_length"]
+    # the count reproduces Bridge's own model FLOPs from its tokens/s (51.47 GFLOP per token)
+    assert flops_per_token(L3, s, s * s) * pub["tokens_per_s_per_gpu"] / 1e12 == pytest.approx(
+        pub["model_tflops_per_gpu"], rel=2e-3)
+    cost = step_cost(L3, tokens_per_sample=s, sum_sq_per_sample=s * s, samples_per_step=128, steps=1, gpus=8,
+                     precision="fp8")
+    low, high = cost.band()["tokens_per_s_per_gpu"]
+    assert low < pub["tokens_per_s_per_gpu"] < high  # 37.6% of the FP8 dense peak
+    # measured against the BF16 peak it would be 75% MFU: FP8 GEMMs, which the recipes do not use
+    assert pub["model_tflops_per_gpu"] * 1e12 / GPU_PEAKS["H100-SXM"].bf16 > MFU_BAND[1]
+
+
+@pytest.mark.parametrize("name, implied_mfu", [("stage_64k", (0.18, 0.21)), ("stage_512k", (0.06, 0.08))])
+def test_prolong_published_stage_costs_against_the_band(name, implied_mfu):
+    """ProLong's own runs come out below the Megatron band: the same model FLOPs (the recipes
+    train ProLong's token counts, 5,000 x 64 x 64K and 2,500 x 16 x 512K) at 19.6% and 6.9% of
+    the H100's BF16 peak. Their stack recomputes every layer (gradient checkpointing, +1/3 work
+    on top of the model FLOPs), runs FlashAttention-2 (about 35% of the H100 peak by the
+    FlashAttention-3 paper) on an attention-heavy mix, and at 512K adds Ulysses all-to-alls;
+    the 512K figure stays 2.9x below the 64K one on the same stack, more than the attention
+    share alone explains (see the issue 12 report). So the band is not widened to hold them."""
+    recipe = load_recipe(name)
+    plan = make_plan(recipe, env=GOOD_ENV)
+    hours = PROLONG_H100_HOURS[name]
+    mfu = plan.cost.per_step.total * recipe.train.steps / (hours * 3600 * GPU_PEAKS["H100-SXM"].bf16)
+    assert implied_mfu[0] < mfu < implied_mfu[1] < MFU_BAND[0]
+    assert hours > plan.cost.band()["gpu_hours"][1]

@@ -30,6 +30,12 @@ The memory model (bf16 training, Megatron DDP + distributed optimizer):
               counted as alive at once (an upper bound: the allocator may reuse a freed chunk).
   reserve     4 GB for the CUDA context, NCCL buffers and allocator fragmentation.
 
+Step time (`recipe_cost`): the model FLOPs of a step (`model.flops`: dense GEMMs, causal
+attention per document, LM head; training = 3 x forward) from the mixture's expected tokens and
+sum of squared document lengths per sample (`data.length_stats`: read from the data, else the
+stage's documented default), and the tokens/s/GPU, wall time and GPU-hours this takes at
+`model.flops.MFU_BAND` of the GPU's dense peak at the training precision (BF16).
+
 Recipes refuse pipeline parallelism (packed THD rows vary in length; megatron's pipeline p2p
 uses fixed shapes): the pp terms above serve what-if estimates only.
 
@@ -48,9 +54,10 @@ import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from prolong_nemo.model.config import LlamaArch
+from prolong_nemo.model.flops import GPU_BY_ARCH, StepCost, step_cost
 from prolong_nemo.recipes.config import (
     OptimFormat,
     ParallelConfig,
@@ -58,6 +65,9 @@ from prolong_nemo.recipes.config import (
     RecipeError,
     optim_checkpoint_format,
 )
+
+if TYPE_CHECKING:
+    from prolong_nemo.data.length_stats import LengthStats
 
 GB = 1e9
 RESERVE_BYTES = 4 * GB
@@ -400,6 +410,37 @@ def version_checks(recipe: RecipeConfig, env: Mapping[str, object], strict: bool
 
 
 # ---------------------------------------------------------------------------------------------
+# Step time: model FLOPs from the mixture's document lengths (model/flops.py), MFU band
+# ---------------------------------------------------------------------------------------------
+def recipe_cost(recipe: RecipeConfig) -> tuple[LengthStats | None, StepCost | None]:
+    """The mixture's length statistics (read from the data, else the stage's default) and the
+    step cost on the recipe's GPUs; (None, None) for a CPU recipe (no GPU to time)."""
+    gpu = GPU_BY_ARCH.get(recipe.cluster.gpu_arch)
+    if recipe.cluster.gpu_memory_gb <= 0 or gpu is None:
+        return None, None
+    if gpu == "H100-SXM" and recipe.cluster.gpu_memory_gb > 100:
+        gpu = "H200-SXM"  # 141 GB
+    from prolong_nemo.data.length_stats import length_stats
+
+    d = recipe.data
+    lengths = length_stats(d.domain_paths(), stage=recipe.stage, sequence_length=d.sequence_length,
+                           document_masking=d.document_masking)
+    return lengths, step_cost(recipe.arch, tokens_per_sample=lengths.tokens, sum_sq_per_sample=lengths.sum_sq,
+                              samples_per_step=recipe.train.global_batch_size, steps=recipe.train.steps,
+                              gpus=recipe.cluster.world_size, gpu=gpu, recompute=recipe.parallel.recompute,
+                              lm_head_recompute=recipe.loss.impl == "chunked")
+
+
+def cost_lines(lengths: LengthStats | None, cost: StepCost | None) -> list[str]:
+    if lengths is None or cost is None:
+        return []
+    first, *rest = cost.lines()
+    return [f"  lengths      {lengths.detail}: {lengths.tokens:,.0f} tokens, sum l^2 {lengths.sum_sq:.3e} per "
+            f"sample (mean document {lengths.mean_doc_length:,.0f} tokens)",
+            f"  step cost    {first}"] + [f"               {line}" for line in rest]
+
+
+# ---------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------
 @dataclass
@@ -407,6 +448,8 @@ class Plan:
     recipe: RecipeConfig
     memory: MemoryEstimate | None
     checkpoint: CheckpointEstimate | None = None
+    lengths: LengthStats | None = None  # expected document-length moments per sample
+    cost: StepCost | None = None  # model FLOPs per step and time under the MFU band
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     environment: dict = field(default_factory=dict)
@@ -439,6 +482,7 @@ class Plan:
         if self.checkpoint is not None:
             first, second = self.checkpoint.lines()
             lines += [f"  checkpoint   {first}", f"               {second}"]
+        lines += cost_lines(self.lengths, self.cost)
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         for e in self.errors:
@@ -452,7 +496,9 @@ class Plan:
                 {k: (v / GB if isinstance(v, float) else v) for k, v in asdict(self.memory).items()}
                 | {"total": self.memory.total / GB},
                 "checkpoint": None if self.checkpoint is None else self.checkpoint.to_dict(),
-                "environment": self.environment}
+                "environment": self.environment,
+                "lengths": None if self.lengths is None else self.lengths.to_dict(),
+                "cost": None if self.cost is None else self.cost.to_dict()}
 
 
 def make_plan(recipe: RecipeConfig, *, env: Mapping[str, object] | None = None, strict_env: bool = False) -> Plan:
@@ -462,6 +508,7 @@ def make_plan(recipe: RecipeConfig, *, env: Mapping[str, object] | None = None, 
     if plan.errors:
         return plan  # an inconsistent layout has no meaningful memory estimate
     plan.memory = recipe_memory(recipe)
+    plan.lengths, plan.cost = recipe_cost(recipe)
     try:
         plan.checkpoint = checkpoint_estimate(recipe)
         plan.warnings += padded_bucket_warning(recipe, plan.checkpoint)
