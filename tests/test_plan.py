@@ -399,7 +399,14 @@ BRIDGE_LLAMA3_8B_H100_FP8 = {"seq_length": 8192, "tokens_per_s_per_gpu": 14451, 
 PROLONG_H100_HOURS = {"stage_64k": 2200, "stage_512k": 12200}
 
 
-def test_plan_prints_the_step_cost_from_default_lengths(capsys):
+@pytest.fixture
+def no_data(tmp_path, monkeypatch):
+    """The stages' data roots point at nothing: plan takes the default length distribution."""
+    for stage in ("64K", "512K"):
+        monkeypatch.setenv(f"PROLONG_DATA_{stage}", str(tmp_path / "absent"))
+
+
+def test_plan_prints_the_step_cost_from_default_lengths(capsys, no_data):
     plan = make_plan(load_recipe("stage_64k"), env=GOOD_ENV)
     lengths, cost = plan.lengths, plan.cost
     assert lengths.source == "default" and "does not exist" in lengths.detail  # no data on this machine
@@ -459,7 +466,7 @@ def test_bridge_published_llama3_8b_h100_throughput_is_in_the_band():
 
 
 @pytest.mark.parametrize("name, implied_mfu", [("stage_64k", (0.18, 0.21)), ("stage_512k", (0.06, 0.08))])
-def test_prolong_published_stage_costs_against_the_band(name, implied_mfu):
+def test_prolong_published_stage_costs_against_the_band(name, implied_mfu, no_data):
     """ProLong's own runs come out below the Megatron band: the same model FLOPs (the recipes
     train ProLong's token counts, 5,000 x 64 x 64K and 2,500 x 16 x 512K) at 19.6% and 6.9% of
     the H100's BF16 peak. Their stack recomputes every layer (gradient checkpointing, +1/3 work

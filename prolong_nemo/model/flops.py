@@ -1,8 +1,9 @@
 """FLOP cost model of a Llama decoder on packed, document-masked samples.
 
 Pure functions of a `LlamaArch` and document lengths (no torch, no megatron: the planner and
-the data-parallel balancer import it anywhere). Counting convention: a multiply-add is 2 FLOPs, so a GEMM [m, k] x [k, n] costs
-2*m*k*n; elementwise work (norms, RoPE, SwiGLU's product, softmax, the loss) is not counted.
+the data-parallel balancer import it anywhere). Counting convention: a multiply-add is 2 FLOPs,
+so a GEMM [m, k] x [k, n] costs 2*m*k*n; elementwise work (norms, RoPE, SwiGLU's product,
+softmax, the loss) is not counted.
 
 Notation: H hidden size, L layers, n_h query heads, g KV groups, d = H / n_h head dim,
 F ffn hidden size, V vocabulary, q = n_h*d (query width), kv = 2*g*d (key + value width).
@@ -38,6 +39,11 @@ adds what is recomputed (`training_flops(..., recompute=...)`):
              each chunk's logits in the backward: one more LM-head forward.
 Flash attention's backward also recomputes QK^T internally (half an attention forward); that is
 kernel work, left out of both counts (as megatron's own MFU count leaves it out).
+
+Time (`step_cost`): step seconds = model FLOPs per step / (MFU x dense peak x GPUs), over the
+band `MFU_BAND` of the GPU's dense tensor-core peak at the training precision (`GPU_PEAKS`,
+from NVIDIA's datasheets); tokens/s/GPU, stage wall time and GPU-hours follow from it. The MFU
+of a published run already absorbs its recompute and communication, so no layout term is added.
 
 Checked against an independent count: `torch.utils.flop_counter.FlopCounterMode` on Hugging
 Face's LlamaForCausalLM and on plain per-document attention (tests/test_flops.py), and against
