@@ -119,8 +119,8 @@ def initial_checkpoint(cfg: DemoConfig, report: DemoReport) -> Path:
 
 
 def train_stage(recipe_name: str, overrides: list[str], log: Callable[[str], None]) -> list[dict]:
-    from prolong_nemo.recipes.entry import run_cpu
     from prolong_nemo.recipes.stages import load_recipe
+    from prolong_nemo.training.cpu.main import run_cpu
 
     recipe = load_recipe(recipe_name, overrides)
     log(f"recipe {recipe_name}: {' '.join(overrides)}")
@@ -193,7 +193,7 @@ def write_report(cfg: DemoConfig, report: DemoReport) -> str:
     if conv:
         lines.append(f"- export: {conv['tensors']} tensors -> {conv['folder']} (rope_theta {conv['rope_theta']:g}); "
                      f"transformers vs Megatron max |logit diff| {conv['max_abs_logit_diff']:.2e}")
-    lines.append(f"- time: " + ", ".join(f"{k} {v:.0f}s" for k, v in report.seconds.items()))
+    lines.append("- time: " + ", ".join(f"{k} {v:.0f}s" for k, v in report.seconds.items()))
     lines.append(f"- loss curve: {cfg.out / 'loss.png'}")
     text = "\n".join(lines) + "\n"
     (cfg.out / "report.md").write_text(text)

@@ -11,6 +11,6 @@ import sys
 if __name__ == "__main__":
     # Imported here, not at the top: megatron's checkpoint writer starts helper processes with
     # the "spawn" method, which re-imports this file, and Bridge takes tens of seconds to import.
-    from prolong_nemo.recipes.bridge import main
+    from prolong_nemo.training.bridge.main import main
 
     sys.exit(main(sys.argv[1:]))

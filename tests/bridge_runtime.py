@@ -2,7 +2,7 @@
 
 One rank of a torchrun job: `python -m torch.distributed.run --nproc-per-node 2
 tests/bridge_runtime.py SPEC.json`. SPEC lists the runs, each a recipe with Hydra overrides,
-trained one after another in this process through `prolong_nemo.recipes.bridge`'s own
+trained one after another in this process through `prolong_nemo.training.bridge`'s own
 `build_config_container`, `callbacks_for` and forward step, i.e. Bridge's setup, data loader,
 megatron-core's DistributedDataParallel, distributed optimizer, schedules, checkpointing.
 
@@ -43,8 +43,8 @@ output layer sits in a bucket of its own (as at 8B width, where it is 525M eleme
 """
 
 from __future__ import annotations
-
 import __future__
+
 import importlib.abc
 import importlib.util
 import json
@@ -166,9 +166,8 @@ def _bridge_torch():
 
 
 def install_cuda_shims() -> None:
-    import torch
-
     import megatron.bridge.training.pretrain  # noqa: F401 - loads the loop's modules
+    import torch
     from megatron.bridge.models import model_provider
     from megatron.bridge.training import initialize, setup
 
@@ -240,10 +239,11 @@ def run(recipe_name: str, overrides: list[str], metrics: str, sigterm_at: int | 
     from megatron.bridge.training.initialize import destroy_global_state
     from megatron.bridge.training.pretrain import pretrain
 
-    from prolong_nemo.recipes.bridge import build_config_container, callbacks_for
-    from prolong_nemo.recipes.bridge_spec import resolve_start
     from prolong_nemo.recipes.stages import load_recipe
+    from prolong_nemo.training.bridge.config import build_config_container
+    from prolong_nemo.training.bridge.main import callbacks_for
     from prolong_nemo.training.forward_step import StepOptions, make_forward_step
+    from prolong_nemo.training.start import resolve_start
 
     recipe = load_recipe(recipe_name, overrides)
     start = resolve_start(recipe)

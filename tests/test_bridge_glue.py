@@ -12,7 +12,7 @@ whose PyPI release is older than megatron-core 0.19 accepts). So:
 - modules that import without TE (`training.callbacks`, `data.base`, `training.utils.sig_utils`,
   `training.utils.packed_seq_utils`) are imported for real, skipping only the package
   `__init__`s (empty package objects with the real `__path__`), and
-  `prolong_nemo.recipes.bridge`'s dataset provider is built on the real `DatasetProvider`;
+  `prolong_nemo.training.bridge`'s dataset provider is built on the real `DatasetProvider`;
   in 0.5 that class lives in `training.config`, whose dataset-contract classes are executed
   from the real source on their own (the rest of that module needs TE);
 - functions of `training.gpt_step` (which imports TE-backed modules) are executed from the
@@ -29,8 +29,8 @@ PROLONG_BRIDGE_SITE, if set, replaces the folder of the release it holds.
 """
 
 from __future__ import annotations
-
 import __future__
+
 import ast
 import dataclasses
 import importlib
@@ -50,22 +50,13 @@ import pytest
 import torch
 
 from prolong_nemo.model.config import preset
-from prolong_nemo.recipes.bridge_spec import (
-    TRAIN_STATE_COUNTERS,
-    ProgressMeter,
-    StartPoint,
-    bridge_sections,
-    build_prolong_datasets,
-    dataset_fields,
-    format_duration,
-    model_flops_per_token,
-    model_overrides,
-    resolve_start,
-    restart_schedule,
-    schedule_of,
-)
 from prolong_nemo.recipes.config import RecipeError
 from prolong_nemo.recipes.stages import load_recipe
+from prolong_nemo.training.bridge.sections import TRAIN_STATE_COUNTERS, bridge_sections, model_overrides
+from prolong_nemo.training.data import build_prolong_datasets, dataset_fields
+from prolong_nemo.training.progress import ProgressMeter, format_duration, model_flops_per_token
+from prolong_nemo.training.schedule import restart_schedule, schedule_of
+from prolong_nemo.training.start import StartPoint, resolve_start
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRAS = REPO / ".venv" / "extras"
@@ -179,7 +170,7 @@ def exec_from_source(path: Path, module_name: str, names: set[str], namespace: d
 
 
 def _ours(name: str) -> bool:
-    return name == "megatron.bridge" or name.startswith(("megatron.bridge.", "prolong_nemo.recipes.bridge"))
+    return name == "megatron.bridge" or name.startswith(("megatron.bridge.", "prolong_nemo.training.bridge."))
 
 
 @pytest.fixture(scope="module")
@@ -195,14 +186,14 @@ def bridge_callbacks(bridge):
     finally:
         for name in [m for m in sys.modules if m == "megatron.bridge" or m.startswith("megatron.bridge.")]:
             del sys.modules[name]
-        for name in [m for m in sys.modules if m.startswith("prolong_nemo.recipes.bridge_callbacks")]:
+        for name in [m for m in sys.modules if m.startswith("prolong_nemo.training.bridge.")]:
             del sys.modules[name]
         sys.path[:] = saved_path
 
 
 @pytest.fixture
 def bridge_data(bridge):
-    """The real module of Bridge's dataset contracts, and our `prolong_nemo.recipes.bridge` on top of it.
+    """The real module of Bridge's dataset contracts, and our `prolong_nemo.training.bridge` on top of it.
 
     0.6: `megatron.bridge.data.base`, imported for real. 0.5: `megatron.bridge.training.config`,
     of which only the contract classes are executed (from the real source). Only the package
@@ -323,7 +314,7 @@ def test_bridge_config_fields_exist_in_the_pinned_release(bridge):
     module_names = {a.asname or a.name for n in ast.walk(ast.parse(config_py.read_text()))
                     if isinstance(n, ast.ImportFrom) for a in n.names}
     module_names |= {n.name for n in ast.parse(config_py.read_text()).body if isinstance(n, ast.ClassDef)}
-    used = set(re.findall(r"\bbc\.(\w+)", (REPO / "prolong_nemo/recipes/bridge.py").read_text()))
+    used = set(re.findall(r"\bbc\.(\w+)", (REPO / "prolong_nemo/training/bridge/config.py").read_text()))
     assert {"ConfigContainer", "RNGConfig", "ValidationConfig", "TrainingConfig"} <= used <= module_names, \
         used - module_names
     tokenizer = dataclass_fields(bridge.source("training/tokenizers/config.py"), "TokenizerConfig")
@@ -339,7 +330,7 @@ def test_dataset_provider_contract(bridge):
     loader = dataclass_fields(base_py, "DataloaderConfig")
     context = dataclass_fields(base_py, "DatasetBuildContext")
     assert {"train_samples", "valid_samples", "test_samples"} <= set(context)
-    ours = dataclass_fields(REPO / "prolong_nemo/recipes/bridge.py", "ProLongDatasetProvider")
+    ours = dataclass_fields(REPO / "prolong_nemo/training/bridge/config.py", "ProLongDatasetProvider")
     assert all(ours.values()), "provider fields need defaults (kw_only dataclass after Bridge's)"
     fields = dataset_fields(load_recipe("stage_512k"))
     assert set(fields) <= set(loader) | set(ours)
@@ -370,8 +361,10 @@ def test_pretrain_and_forward_step_signatures(bridge):
     # the entry script is valid Python and calls bridge.main
     entry = (REPO / "recipes/bridge_entry.py").read_text()
     compile(entry, "bridge_entry.py", "exec")
-    assert "from prolong_nemo.recipes.bridge import main" in entry
-    compile((REPO / "prolong_nemo/recipes/bridge.py").read_text(), "bridge.py", "exec")
+    assert "from prolong_nemo.training.bridge.main import main" in entry
+    for module in ("config", "main", "callbacks"):
+        path = REPO / "prolong_nemo/training/bridge" / f"{module}.py"
+        compile(path.read_text(), str(path), "exec")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +409,7 @@ def bridge_scheduler_config(recipe):
 
 
 def test_stage_chain_callback_restarts_schedule(bridge_callbacks):
-    from prolong_nemo.recipes.bridge_callbacks import StageChainCallback
+    from prolong_nemo.training.bridge.callbacks import StageChainCallback
 
     recipe = load_recipe("stage_512k")
     opt, sched = previous_stage_optimizer()
@@ -451,7 +444,7 @@ def test_stage_chain_callback_restarts_schedule(bridge_callbacks):
 
 
 def test_stage_chain_callback_refuses_another_checkpoint(bridge_callbacks):
-    from prolong_nemo.recipes.bridge_callbacks import StageChainCallback
+    from prolong_nemo.training.bridge.callbacks import StageChainCallback
 
     recipe = load_recipe("stage_512k")
     opt, sched = previous_stage_optimizer()
@@ -469,7 +462,7 @@ def test_stage_chain_callback_refuses_another_checkpoint(bridge_callbacks):
 
 
 def test_progress_callback_logs_every_interval(bridge_callbacks):
-    from prolong_nemo.recipes.bridge_callbacks import ProgressLogCallback
+    from prolong_nemo.training.bridge.callbacks import ProgressLogCallback
 
     meter = ProgressMeter(total_steps=100, tokens_per_step=4_194_304, flops_per_step=4e17, world_size=8)
     logs = []
@@ -580,7 +573,7 @@ def test_dataset_provider_through_the_real_bridge_contract(bridge_data, tmp_path
         from data_fixtures import write_random_domain
     finally:
         sys.path.pop(0)
-    from prolong_nemo.recipes.bridge import ProLongDatasetProvider
+    from prolong_nemo.training.bridge.config import ProLongDatasetProvider
 
     write_random_domain(tmp_path / "long", n=6, length=256, seed=1)
     write_random_domain(tmp_path / "short", n=6, length=256, seed=2)
@@ -601,13 +594,14 @@ def test_dataset_provider_through_the_real_bridge_contract(bridge_data, tmp_path
 
 def test_callbacks_for_a_chained_stage(bridge, bridge_data):
     """bridge.py's wiring: the chain callback gets this stage's schedule in Bridge's units."""
-    from prolong_nemo.recipes.bridge import bridge_version, callbacks_for
-    from prolong_nemo.recipes.bridge_callbacks import (
+    from prolong_nemo.training.bridge.callbacks import (
         ModelRecordCallback,
         ProgressLogCallback,
         SignalTrapCallback,
         StageChainCallback,
     )
+    from prolong_nemo.training.bridge.config import bridge_version
+    from prolong_nemo.training.bridge.main import callbacks_for
 
     assert bridge_version() == tuple(map(int, bridge.version.split(".")))
     # Bridge 0.5 builds the SIGTERM trap of exit_signal_handler without installing it: we do
@@ -637,7 +631,7 @@ def test_exit_signal_handler_installs_the_trap(bridge, bridge_callbacks):
     fork their workers, which then inherit it as under 0.6); on an entered one it does nothing.
     Signal: SIGUSR2 (the test process keeps its SIGTERM disposition).
     """
-    from prolong_nemo.recipes.bridge_callbacks import SignalTrapCallback
+    from prolong_nemo.training.bridge.callbacks import SignalTrapCallback
 
     state_py = bridge.source("training/state.py").read_text()
     built = re.search(r"self\._signal_handler = DistributedSignalHandler\(self\.cfg\.train\.exit_signal\)(.*)",
@@ -929,7 +923,7 @@ def test_every_bridge_save_records_the_model_and_the_start_checkpoints_ids(bridg
     from prolong_nemo.convert import megatron_to_hf
     from prolong_nemo.convert.hf_config import HfExtras
     from prolong_nemo.convert.megatron_io import read_recorded_config, resolve_iter_dir, run_config_dict
-    from prolong_nemo.recipes.bridge_callbacks import ModelRecordCallback
+    from prolong_nemo.training.bridge.callbacks import ModelRecordCallback
 
     init = instruct_like_checkpoint(tmp_path, preset("llama3-tiny", rope_theta=8e6), eos=128009)
     recipe = load_recipe("stage_512k_cpu", [f"checkpoint.dir={tmp_path / 'run'}", f"checkpoint.init_from={init}"])
@@ -974,7 +968,7 @@ def test_record_callback_ids_for_each_start_kind(bridge, bridge_callbacks, tmp_p
     instead of writing base ids."""
     from prolong_nemo.convert import ConversionError, megatron_to_hf
     from prolong_nemo.convert.megatron_io import read_recorded_config, resolve_iter_dir
-    from prolong_nemo.recipes.bridge_callbacks import ModelRecordCallback
+    from prolong_nemo.training.bridge.callbacks import ModelRecordCallback
 
     fresh = load_recipe("stage_64k_cpu", [f"checkpoint.dir={tmp_path / 'fresh'}"])
     assert resolve_start(fresh).kind == "fresh"

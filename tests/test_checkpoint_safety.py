@@ -16,10 +16,10 @@ import torch
 
 from prolong_nemo.convert import ConversionError, hf_to_megatron
 from prolong_nemo.convert.megatron_io import check_checkpoint, write_atomic, write_tracker
-from prolong_nemo.recipes.bridge_spec import StartPoint, resolve_start
 from prolong_nemo.recipes.config import RecipeError
-from prolong_nemo.training import cpu_runner
-from prolong_nemo.training.cpu_runner import TrainConfig, build_state, latest_step, load_checkpoint, train
+from prolong_nemo.training.cpu import runner as cpu_runner
+from prolong_nemo.training.cpu.runner import TrainConfig, build_state, latest_step, load_checkpoint, train
+from prolong_nemo.training.start import StartPoint, resolve_start
 from prolong_nemo.training.synthetic import ArithmeticDocuments
 
 CFG = dict(train_iters=2, micro_batches=1, seq_length=64, warmup_iters=0, seed=3)
@@ -99,7 +99,7 @@ def test_crafted_metadata_is_refused_on_resume(ckpt, tmp_path):
 
 @pytest.mark.parametrize("kind", ["resume", "chain", "weights"])
 def test_crafted_metadata_is_refused_by_every_cpu_start(ckpt, tmp_path, kind):
-    from prolong_nemo.recipes.entry import apply_start
+    from prolong_nemo.training.cpu.main import apply_start
 
     marker = tmp_path / "pwned"
     bad = _craft_metadata(ckpt / "iter_0000002", marker)
@@ -146,14 +146,17 @@ def _fake_bridge(monkeypatch) -> list:
     mod.pretrain = lambda *a, **k: calls.append(a)
     for fake in (base, mod):
         monkeypatch.setitem(sys.modules, fake.__name__, fake)
-    monkeypatch.delitem(sys.modules, "prolong_nemo.recipes.bridge", raising=False)  # imported on the fakes
+    # our Bridge modules are imported on the fakes: none before, and none left after the test
+    for name in ("prolong_nemo.training.bridge.config", "prolong_nemo.training.bridge.main"):
+        monkeypatch.setitem(sys.modules, name, None)
+        monkeypatch.delitem(sys.modules, name)
     return calls
 
 
 @pytest.mark.parametrize("where", ["load", "pretrained"])
 def test_bridge_main_refuses_a_crafted_checkpoint_before_bridge_opens_it(tmp_path, monkeypatch, where):
     calls = _fake_bridge(monkeypatch)
-    from prolong_nemo.recipes.bridge import main
+    from prolong_nemo.training.bridge.main import main
 
     hf_to_megatron(_tiny_hf(tmp_path), tmp_path / "mg", show_progress=False)
     marker = tmp_path / "pwned"

@@ -92,7 +92,7 @@ def _schedule_worker(rank: int, world: int, port: int, weights: str, out: str) -
     from prolong_nemo.model.builder import build_gpt_model
     from prolong_nemo.model.loss import global_token_mean
     from prolong_nemo.model.megatron_config import ParallelSizes
-    from prolong_nemo.training.cpu_runner import finalize_grads
+    from prolong_nemo.training.cpu.runner import finalize_grads
     from prolong_nemo.training.forward_step import StepOptions, make_forward_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

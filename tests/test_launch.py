@@ -167,9 +167,10 @@ def test_dockerfile_keeps_the_container_stack():
 def bridge_machine(monkeypatch):
     """`train_recipe` as on a GPU machine with Megatron-Bridge, outside torchrun; records the
     torchrun commands (and keyword arguments) instead of running them."""
-    from prolong_nemo.recipes import entry
+    from prolong_nemo.training import train
+    from prolong_nemo.training.bridge import torchrun
 
-    monkeypatch.setattr(entry, "bridge_available", lambda: True)
+    monkeypatch.setattr(train, "bridge_available", lambda: True)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     calls: list = []
 
@@ -177,12 +178,12 @@ def bridge_machine(monkeypatch):
         calls.append((cmd, kwargs))
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(entry.subprocess, "run", fake_run)
+    monkeypatch.setattr(torchrun.subprocess, "run", fake_run)
     return calls
 
 
 def test_train_hands_torchrun_the_job_environment(bridge_machine, monkeypatch, tmp_path):
-    from prolong_nemo.recipes.entry import train_recipe
+    from prolong_nemo.training.train import train_recipe
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
@@ -205,7 +206,7 @@ def test_train_hands_torchrun_the_job_environment(bridge_machine, monkeypatch, t
 
 def test_exit_after_is_refused_on_the_bridge_path(bridge_machine, monkeypatch, capsys):
     from prolong_nemo.cli import main
-    from prolong_nemo.recipes.entry import train_recipe
+    from prolong_nemo.training.train import train_recipe
 
     with pytest.raises(RecipeError, match="--exit-after is not supported with Megatron-Bridge"):
         train_recipe("stage_64k", [], exit_after=3, log=lambda _: None)
@@ -243,4 +244,4 @@ def test_entry_script_imports_nothing_heavy_when_re_imported_by_spawn():
 
     before = set(sys.modules)
     runpy.run_path(str(REPO / "recipes" / "bridge_entry.py"), run_name="__mp_main__")
-    assert not {m for m in set(sys.modules) - before if m.startswith(("prolong_nemo.recipes.bridge", "megatron"))}
+    assert not {m for m in set(sys.modules) - before if m.startswith(("prolong_nemo.training.bridge", "megatron"))}

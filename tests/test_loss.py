@@ -185,7 +185,7 @@ def test_per_token_loss_is_global_token_mean_across_micro_batches(megatron):
 
     from prolong_nemo.model.builder import build_gpt_model
     from prolong_nemo.model.loss import global_token_mean
-    from prolong_nemo.training.cpu_runner import finalize_grads
+    from prolong_nemo.training.cpu.runner import finalize_grads
     from prolong_nemo.training.forward_step import StepOptions, make_forward_step, run_model
 
     arch = tiny_arch()

@@ -258,7 +258,8 @@ def test_optimizer_checkpoint_format_follows_the_stage_chain():
 
 
 def test_optimizer_checkpoint_format_reaches_bridge():
-    from prolong_nemo.recipes.bridge_spec import StartPoint, bridge_sections
+    from prolong_nemo.training.bridge.sections import bridge_sections
+    from prolong_nemo.training.start import StartPoint
 
     fresh = StartPoint("fresh", load="/runs/x")
     assert bridge_sections(stage_64k(), fresh)["checkpoint"]["dist_ckpt_optim_fully_reshardable"] is False
@@ -281,3 +282,17 @@ def test_optimizer_read_by_an_unknown_recipe_is_an_error():
 
     with pytest.raises(RecipeError, match="checkpoint.optim_read_by='stage_2m'"):
         optim_checkpoint_format(stage_64k(["checkpoint.optim_read_by=stage_2m"]))
+
+
+def test_recipes_describe_and_import_nothing_from_training():
+    """`recipes/` describes a run, `training/` runs it: no import goes back up."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "prolong_nemo" / "recipes"
+    found = {(path.name, node.module) for path in root.glob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prolong_nemo.training")}
+    found |= {(path.name, alias.name) for path in root.glob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Import) for alias in node.names if alias.name.startswith("prolong_nemo.training")}
+    assert not found
+    assert {p.name for p in root.glob("*.py")} == {"__init__.py", "config.py", "stages.py", "plan.py", "launch.py"}

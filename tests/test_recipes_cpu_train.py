@@ -24,10 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from prolong_nemo.recipes.entry import apply_start, run_cpu, train_recipe
-    from prolong_nemo.recipes.bridge_spec import resolve_start
+    from prolong_nemo.training.cpu.main import apply_start, run_cpu
+    from prolong_nemo.training.train import train_recipe
+    from prolong_nemo.training.start import resolve_start
     from prolong_nemo.recipes.stages import load_recipe
-    from prolong_nemo.training import cpu_runner
+    from prolong_nemo.training.cpu import runner as cpu_runner
 
     logs = []
     def adam_steps(state):

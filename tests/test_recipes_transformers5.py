@@ -28,7 +28,7 @@ CHECK = textwrap.dedent("""
     import streaming
     from streaming import MDSWriter
     import prolong_nemo.data.dataset, prolong_nemo.data.mds, prolong_nemo.data.mixture, prolong_nemo.data.packing
-    import prolong_nemo.recipes.bridge_spec, prolong_nemo.recipes.entry, prolong_nemo.recipes.launch
+    import prolong_nemo.recipes.launch, prolong_nemo.training.start, prolong_nemo.training.train
     import prolong_nemo.recipes.plan, prolong_nemo.recipes.stages
     import prolong_nemo.training.forward_step
     from prolong_nemo.recipes.stages import load_recipe

@@ -153,7 +153,7 @@ def _probe(save_dir: Path) -> str:
 def test_second_cpu_training_on_one_save_dir_is_refused(tmp_path):
     """The CPU runner holds the lock for the whole run; a second run on the dir is refused."""
     from prolong_nemo.data.dataset import collate
-    from prolong_nemo.training.cpu_runner import TrainConfig, train
+    from prolong_nemo.training.cpu.runner import TrainConfig, train
     from prolong_nemo.training.synthetic import ArithmeticDocuments
 
     ckpt = tmp_path / "ckpt"
@@ -176,9 +176,9 @@ def test_second_cpu_training_on_one_save_dir_is_refused(tmp_path):
 
 
 def _bridge_module(monkeypatch, ran: list):
-    """prolong_nemo/recipes/bridge.py on stub Bridge modules; `pretrain` records a probe of the dir."""
+    """prolong_nemo/training/bridge/main.py on stub Bridge modules; `pretrain` records a probe of the dir."""
     import dataclasses
-    import importlib.util
+    import importlib
     import types
 
     @dataclasses.dataclass(kw_only=True)
@@ -193,10 +193,11 @@ def _bridge_module(monkeypatch, ran: list):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, base.__name__, base)
     monkeypatch.setitem(sys.modules, pretrain.__name__, pretrain)
-    spec = importlib.util.spec_from_file_location("bridge_under_test", REPO / "prolong_nemo/recipes/bridge.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    # our Bridge modules are imported on the stubs: none before, and none left after the test
+    for name in ("prolong_nemo.training.bridge.config", "prolong_nemo.training.bridge.main"):
+        monkeypatch.setitem(sys.modules, name, None)
+        monkeypatch.delitem(sys.modules, name)
+    module = importlib.import_module("prolong_nemo.training.bridge.main")
     # the config container is the checkpoint dir, for the stub pretrain to probe
     monkeypatch.setattr(module, "build_config_container", lambda recipe, start: recipe.checkpoint.dir)
     monkeypatch.setattr(module, "callbacks_for", lambda recipe, start: [])
@@ -249,9 +250,9 @@ def test_ranks_of_one_torchrun_job_agree(tmp_path):
 
 
 def test_entry_main_reports_a_held_run_lock_in_one_line(monkeypatch, capsys):
-    """`python -m prolong_nemo.recipes.entry` (the torchrun child's CLI) prints user errors such as
+    """`python -m prolong_nemo.training.train` (the torchrun child's CLI) prints user errors such as
     a held lock as one line with exit code 2, like `prolong-nemo train`."""
-    from prolong_nemo.recipes import entry
+    from prolong_nemo.training import train as entry
     from prolong_nemo.training.run_lock import RunLockError
 
     def held(*args, **kwargs):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from prolong_nemo.training.cpu_runner import TrainConfig, latest_step, train
+from prolong_nemo.training.cpu.runner import TrainConfig, latest_step, train
 from prolong_nemo.training.synthetic import ArithmeticDocuments
 
 REPO = Path(__file__).resolve().parents[1]

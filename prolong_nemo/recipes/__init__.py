@@ -1,7 +1,9 @@
-"""ProLong stage recipes: typed configs, Hydra loading, planning, Megatron-Bridge glue, launch.
+"""ProLong stage recipes: what a run is, never how it runs (that is `prolong_nemo.training`).
 
-Only `config` and `stages` are imported here; `plan`, `bridge`, `entry` and `launch` are
-imported on use (Bridge and NeMo-Run exist only where they are installed).
+`config` (the typed schema), `stages` (Hydra loading of the stage YAMLs), `plan` (checks and
+estimates before anything launches) and `launch` (NeMo-Run submission). Nothing here imports
+`prolong_nemo.training`. Only `config` and `stages` are imported here; `plan` and `launch` are
+imported on use (NeMo-Run exists only where it is installed).
 """
 
 from prolong_nemo.recipes.config import RecipeConfig, RecipeError

@@ -1,17 +1,16 @@
-"""`prolong-nemo train`: a recipe, or the CPU runner driven by flags.
+"""`prolong-nemo train` command line: parses, then dispatches.
 
-- `prolong-nemo train <recipe> [hydra overrides]`: `prolong_nemo.recipes.entry.train_recipe`
-  (Megatron-Bridge under torchrun where available, otherwise the recipe's CPU miniature).
-- `prolong-nemo train --preset llama3-tiny ...` (no recipe): the CPU runner directly, real
-  megatron-core steps on CPU over gloo, synthetic packed data by default.
-Both use the same forward step (`prolong_nemo.training.forward_step.make_forward_step`).
+- `prolong-nemo train <recipe> [hydra overrides]`: `training.train.train_recipe` (a backend
+  picked by `--backend`: Megatron-Bridge under torchrun, or the CPU runner);
+- `prolong-nemo train --preset llama3-tiny ...` (no recipe): `training.cpu.main.run_flags`, the
+  CPU runner driven by flags, synthetic packed data.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from prolong_nemo.training.cpu_runner import TrainConfig
+from prolong_nemo.training.cpu.runner import TrainConfig
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -52,37 +51,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
-def load_dataset(args: argparse.Namespace, cfg: TrainConfig):
-    from prolong_nemo.model.config import preset
-
-    if args.data == "synthetic":
-        from prolong_nemo.training.synthetic import ArithmeticDocuments
-
-        vocab = preset(cfg.preset).vocab_size
-        return ArithmeticDocuments(vocab_size=vocab, row_tokens=args.row_tokens, seed=cfg.seed, cp_size=cfg.cp)
-    raise SystemExit(
-        f"--data {args.data!r}: only 'synthetic' is wired into the CPU runner so far; "
-        "packed MDS rows come through prolong_nemo.data.dataset (any indexable of contract rows works "
-        "with prolong_nemo.training.cpu_runner.train)"
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     if args.recipe is not None:
-        from prolong_nemo.recipes.entry import train_recipe
+        from prolong_nemo.training.train import train_recipe
 
         return train_recipe(args.recipe, args.overrides, backend=args.backend, exit_after=args.exit_after,
                             synthetic_data=args.synthetic_data)
     if args.overrides:
         raise SystemExit(f"overrides {args.overrides} need a recipe name first")
-    from prolong_nemo.data.dataset import collate
-    from prolong_nemo.training.cpu_runner import train
+    from prolong_nemo.training.cpu.main import run_flags
 
     try:
         cfg = config_from_args(args)
     except ValueError as e:
         raise SystemExit(f"prolong-nemo train: {e}") from None
-    if args.data == "synthetic" and args.row_tokens > cfg.seq_length:
-        raise SystemExit(f"--row-tokens {args.row_tokens} exceeds --seq-length {cfg.seq_length}")
-    train(cfg, load_dataset(args, cfg), collate, log=lambda line: print(line, flush=True))
-    return 0
+    return run_flags(cfg, data=args.data, row_tokens=args.row_tokens)

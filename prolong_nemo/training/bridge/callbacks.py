@@ -30,7 +30,10 @@ from prolong_nemo.convert.megatron_io import (
     tracked_iter_dir,
     write_prolong_record,
 )
-from prolong_nemo.recipes.bridge_spec import TRAIN_STATE_COUNTERS, ProgressMeter, StartPoint, restart_schedule
+from prolong_nemo.training.bridge.sections import TRAIN_STATE_COUNTERS
+from prolong_nemo.training.progress import ProgressMeter
+from prolong_nemo.training.schedule import restart_schedule
+from prolong_nemo.training.start import StartPoint
 
 
 def _rank() -> int:
@@ -70,7 +73,7 @@ class StageChainCallback(Callback):
 
     def __init__(self, init_from: str, schedule: dict, log=print) -> None:
         self.init_from = init_from
-        self.schedule = dict(schedule)  # bridge_spec.schedule_of(recipe, increment=global batch)
+        self.schedule = dict(schedule)  # schedule.schedule_of(recipe, increment=global batch)
         self.log = log
         self.applied = False
 

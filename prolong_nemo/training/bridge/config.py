@@ -1,12 +1,8 @@
-"""Megatron-Bridge glue: dataset provider, recipe -> `ConfigContainer`, and the training main.
+"""Megatron-Bridge backend, configuration: the dataset provider and recipe -> `ConfigContainer`.
 
-Runs inside an NGC NeMo container (Bridge >= 0.4; >= 0.5 for stage chaining), one process per
-GPU under torchrun:
-
-    torchrun --nproc-per-node 8 recipes/bridge_entry.py stage_512k optim.lr=1e-5
-
-Bridge's package imports Transformer Engine, so this module only imports where TE works (a GPU
-container); the plain-data half of the mapping is `bridge_spec.py`.
+Runs inside an NGC NeMo container (Bridge >= 0.4; >= 0.5 for stage chaining). Bridge's package
+imports Transformer Engine, so this module only imports where TE works (a GPU container); the
+plain-data half of the mapping is `sections.py`.
 
 Tested against Bridge 0.5.0 (NGC NeMo 26.06) and 0.6.2 (tests/test_bridge_glue.py). What differs
 for this glue: the dataset contracts moved from `training.config` to `data.base` in 0.6, and
@@ -15,9 +11,8 @@ for this glue: the dataset contracts moved from `training.config` to `data.base`
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -26,18 +21,10 @@ try:  # Bridge >= 0.6 moved the dataset contracts to megatron.bridge.data.base
 except ImportError:  # Bridge 0.4 / 0.5: they live in training.config (0.6 re-exports them there)
     from megatron.bridge.training.config import DatasetBuildContext, DatasetProvider
 
-from prolong_nemo.recipes.bridge_spec import (
-    ProgressMeter,
-    StartPoint,
-    bridge_sections,
-    build_prolong_datasets,
-    dataset_fields,
-    model_overrides,
-    recorded_optimizer_lrs,
-    resolve_start,
-    schedule_of,
-)
 from prolong_nemo.recipes.config import RecipeConfig
+from prolong_nemo.training.bridge.sections import bridge_sections, model_overrides
+from prolong_nemo.training.data import build_prolong_datasets, dataset_fields
+from prolong_nemo.training.start import StartPoint, recorded_optimizer_lrs, resolve_start
 
 
 @dataclass(kw_only=True)
@@ -125,73 +112,3 @@ def bridge_version() -> tuple[int, ...]:
 
 # First Bridge release whose GlobalState installs the SIGTERM trap of `exit_signal_handler`.
 BRIDGE_INSTALLS_SIGNAL_TRAP = (0, 6)
-
-
-def callbacks_for(recipe: RecipeConfig, start: StartPoint, log=print) -> list:
-    from prolong_nemo.recipes.bridge_callbacks import (
-        ModelRecordCallback,
-        ProgressLogCallback,
-        SignalTrapCallback,
-        StageChainCallback,
-    )
-    from prolong_nemo.recipes.plan import MIN_BRIDGE_CHAIN
-
-    callbacks: list = []
-    if bridge_version() < BRIDGE_INSTALLS_SIGNAL_TRAP:  # save on SIGTERM (bridge_sections sets exit_signal_handler)
-        callbacks.append(SignalTrapCallback())
-    # architecture + bos/eos ids of the start model in every checkpoint, for the HF export
-    callbacks.append(ModelRecordCallback.for_start(recipe, start, log=log))
-    if start.kind == "chain":
-        if bridge_version() < MIN_BRIDGE_CHAIN:
-            raise RuntimeError(
-                f"chaining {recipe.name} from {start.load} needs Megatron-Bridge >= "
-                f"{'.'.join(map(str, MIN_BRIDGE_CHAIN))} (on_data_init_start); use NGC NeMo 26.06 or newer")
-        # Bridge's scheduler counts samples: warmup and decay are iterations x global batch.
-        schedule = schedule_of(recipe, increment=recipe.train.global_batch_size)
-        callbacks.append(StageChainCallback(start.load, schedule, log=log))
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else int(
-        os.environ.get("WORLD_SIZE", recipe.cluster.world_size))
-    callbacks.append(ProgressLogCallback(ProgressMeter.for_recipe(recipe, world), recipe.logging.log_interval, log=log))
-    return callbacks
-
-
-def main(argv: Sequence[str]) -> int:
-    """`bridge_entry.py <recipe> [overrides]`: one rank of a Megatron-Bridge training job."""
-    from megatron.bridge.training.pretrain import pretrain
-
-    from prolong_nemo.recipes.stages import load_recipe
-
-    if not argv:
-        raise SystemExit("usage: bridge_entry.py <recipe> [hydra overrides]")
-    recipe = load_recipe(argv[0], list(argv[1:]))
-    from prolong_nemo.training.run_lock import RunLockError, run_lock
-
-    # One run per checkpoint dir, held from before the start is resolved until pretrain returns;
-    # ranks agree through the lock record (the process group does not exist yet).
-    try:
-        with run_lock(recipe.checkpoint.dir):
-            return _run(recipe, pretrain)
-    except RunLockError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def _run(recipe: RecipeConfig, pretrain) -> int:
-    from prolong_nemo.training.forward_step import StepOptions, make_forward_step
-
-    start = resolve_start(recipe)
-    opened = start.pretrained if start.kind == "weights" else start.load if start.kind != "fresh" else None
-    if opened is not None:  # Bridge unpickles .metadata / *.pt with plain pickle: check them first
-        from prolong_nemo.convert import ConversionError
-        from prolong_nemo.convert.megatron_io import check_checkpoint
-
-        try:
-            check_checkpoint(opened, strict=True)
-        except ConversionError as e:
-            raise SystemExit(f"error: {e}") from None
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[prolong] {recipe.name}: {start.describe()}", flush=True)
-    cfg = build_config_container(recipe, start)
-    # Our forward step receives whole packed rows and partitions them per document for CP.
-    forward_step = make_forward_step(StepOptions(recipe.loss.impl, recipe.loss.chunk_tokens, partition_for_cp=True))
-    pretrain(cfg, forward_step, callbacks=callbacks_for(recipe, start))
-    return 0

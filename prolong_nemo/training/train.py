@@ -1,0 +1,79 @@
+"""`prolong-nemo train <recipe> [overrides]`: pick the backend that runs a recipe here, run it.
+
+- `bridge` (GPU + Megatron-Bridge, an NGC NeMo container; `training/bridge/`): under torchrun,
+  every rank runs `bridge.main.main` (Bridge `pretrain(cfg, forward_step)`); started outside
+  torchrun, this re-executes itself as `torchrun --nproc-per-node <gpus_per_node>
+  recipes/bridge_entry.py ...` (one node; use `prolong-nemo launch` for Slurm / several nodes),
+  with the same job environment as `launch` (`CUDA_DEVICE_MAX_CONNECTIONS=1` unless already set,
+  `cluster.env`).
+- `cpu` (`training/cpu/`): the megatron-core loop on gloo trains the stage's CPU miniature
+  (`<recipe>_cpu`: same schedule shape, tiny model), with the same start points (`start.py`),
+  schedule restart (`schedule.py`) and progress line (`progress.py`) as the Bridge backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from typing import Callable, Literal, Sequence
+
+from prolong_nemo.errors import UserError
+from prolong_nemo.recipes.config import RecipeError
+
+Backend = Literal["auto", "bridge", "cpu"]
+
+
+def bridge_available() -> bool:
+    """Megatron-Bridge installed and a GPU visible (Bridge imports Transformer Engine)."""
+    import torch
+
+    return importlib.util.find_spec("megatron.bridge") is not None and torch.cuda.is_available()
+
+
+def select_backend(requested: Backend = "auto") -> Literal["bridge", "cpu"]:
+    if requested == "auto":
+        return "bridge" if bridge_available() else "cpu"
+    if requested == "bridge" and not bridge_available():
+        raise RecipeError("the bridge backend needs a GPU and Megatron-Bridge (an NGC NeMo container)")
+    return requested
+
+
+# backend -> the module whose `run_recipe(recipe_name, overrides, *, log, exit_after,
+# synthetic_data) -> exit code` runs a recipe on it; a new backend is one module and one line.
+BACKENDS = {"bridge": "prolong_nemo.training.bridge.torchrun", "cpu": "prolong_nemo.training.cpu.main"}
+
+
+def train_recipe(recipe_name: str, overrides: Sequence[str] = (), *, backend: Backend = "auto",
+                 log: Callable[[str], None] = print, exit_after: int | None = None,
+                 synthetic_data: bool = False) -> int:
+    """Train `recipe_name` with Hydra `overrides`; returns a process exit code."""
+    module = importlib.import_module(BACKENDS[select_backend(backend)])
+    return module.run_recipe(recipe_name, list(overrides), log=log, exit_after=exit_after,
+                             synthetic_data=synthetic_data)
+
+
+# ---------------------------------------------------------------------------------------------
+# A command-line front end (the `prolong-nemo train` command is wired to `train_recipe`)
+# ---------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m prolong_nemo.training.train", description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--backend", choices=("auto", "bridge", "cpu"), default="auto")
+    parser.add_argument("--synthetic-data", action="store_true", help="CPU runner: synthetic rows instead of MDS")
+    parser.add_argument("--exit-after", type=int, default=None,
+                        help="CPU runner: stop (and save) after N steps; refused with Megatron-Bridge")
+    args = parser.parse_args(argv)
+    try:
+        return train_recipe(args.recipe, args.overrides, backend=args.backend, exit_after=args.exit_after,
+                            synthetic_data=args.synthetic_data)
+    except UserError as e:  # bad recipe, data, checkpoint or a held run lock: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
