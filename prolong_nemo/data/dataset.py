@@ -23,6 +23,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatr
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 
+from prolong_nemo.data.balance import Balancing
 from prolong_nemo.data.mds import LLAMA3_VOCAB_SIZE, DataError, MdsDomain
 from prolong_nemo.data.mixture import Mixture
 from prolong_nemo.data.packing import (UNCOVERED_WARN_SHARE, PackingConfig, build_row, uncovered_tokens,
@@ -128,10 +129,16 @@ def dataset_config(mixture: Mixture, *, sequence_length: int, seed: int = 42, sp
 
 
 def build_datasets(config: ProLongDatasetConfig, sizes: Sequence[int | None],
-                   is_built_on_rank: Callable[[], bool] = lambda: True) -> list:
-    """Train / valid / test datasets (None where a split is empty) of ``sizes`` samples each."""
+                   is_built_on_rank: Callable[[], bool] = lambda: True, balance: Balancing | None = None) -> list:
+    """Train / valid / test datasets (None where a split is empty) of ``sizes`` samples each.
+
+    ``balance``: the train split becomes a ``BalancedDataset`` whose global batches are spread
+    over the DP ranks by cost (prolong_nemo/data/balance.py); valid / test are left as they are.
+    """
     sizes = [0 if s is None else int(s) for s in sizes]  # Megatron wants a size for weighted blends
     datasets = BlendedMegatronDatasetBuilder(ProLongDomainDataset, sizes, is_built_on_rank, config).build()
+    if balance is not None and datasets[0] is not None:
+        datasets[0] = balance.wrap(datasets[0])
     for ds in datasets:
         if ds is not None:
             ds.collate_fn = collate  # picked up by Megatron-Bridge's dataloader and our runner
