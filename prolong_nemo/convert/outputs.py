@@ -204,5 +204,32 @@ def copy_tokenizer(src: Path | None, dest: Path, required: bool = False) -> list
     return copied
 
 
+def export_tokenizer(src: Path | None, dest: Path, *, required: bool, vocab_size: int,
+                     eos_token_id: int | list[int] | None) -> list[str]:
+    """The tokenizer of a Hugging Face export: `src`'s files when it has a loadable set (a
+    tokenizer.json or tokenizer_config.json), else the converted offline Llama-3 tokenizer, so that
+    AutoTokenizer always loads the export. Its eos_token follows the model's `eos_token_id`.
+    A model whose vocabulary is smaller than Llama-3's gets none (logged)."""
+    copied = copy_tokenizer(src, dest, required) if src is not None and (required or Path(src).is_dir()) else []
+    if {"tokenizer.json", "tokenizer_config.json"} & set(copied):
+        return copied
+    from prolong_nemo.data import hf_tokenizer
+
+    if vocab_size < hf_tokenizer.LLAMA3_VOCAB_SIZE:
+        log.warning("no tokenizer in the export: none in the source, and the model's %d-token vocabulary is "
+                    "smaller than the Llama-3 tokenizer's %d (pass a tokenizer folder)", vocab_size,
+                    hf_tokenizer.LLAMA3_VOCAB_SIZE)
+        return copied
+    try:
+        written = hf_tokenizer.write_llama3_tokenizer(dest, eos_token_id)
+    except ImportError as err:
+        log.warning("no tokenizer in the export: none in the source, and converting the Llama-3 tokenizer "
+                    "needs transformers + tokenizers (%s)", err)
+        return copied
+    log.warning("no tokenizer files in the source: wrote the converted offline Llama-3 tokenizer (%s, eos_token "
+                "%s) to the export", ", ".join(written), hf_tokenizer.eos_token_for(eos_token_id))
+    return copied + written
+
+
 def progress(total_bytes: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)

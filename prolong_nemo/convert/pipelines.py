@@ -337,7 +337,8 @@ def megatron_to_hf(
     `dtype` ("bfloat16", "float16", "float32", a torch dtype; None / "auto": the stored dtype)
     is what the safetensors hold and config.json's "dtype" says, cast while streaming.
     Optimizer and RNG entries are never read. Tokenizer files come from `tokenizer_dir`, else
-    from the checkpoint's `tokenizer/` folder when present.
+    from the checkpoint's `tokenizer/` folder when present, else the offline Llama-3 tokenizer is
+    converted into the export (outputs.export_tokenizer).
     """
     t0 = time.perf_counter()
     cast = hf_config.export_dtype(dtype)
@@ -358,10 +359,9 @@ def megatron_to_hf(
             nbytes = _write_hf(recorded, reader, jobs, tmp, max_shard_bytes, show_progress, fsync)
             _write_json(tmp / "config.json", hf_config.hf_config_dict(recorded, extras))
             _write_json(tmp / "generation_config.json", hf_config.generation_config_dict(extras))
-            if tokenizer_dir is not None:
-                outputs.copy_tokenizer(tokenizer_dir, tmp, required=True)
-            elif (iter_dir / megatron_io.TOKENIZER_DIR).is_dir():
-                outputs.copy_tokenizer(iter_dir / megatron_io.TOKENIZER_DIR, tmp)
+            outputs.export_tokenizer(iter_dir / megatron_io.TOKENIZER_DIR if tokenizer_dir is None else tokenizer_dir,
+                                     tmp, required=tokenizer_dir is not None, vocab_size=recorded.vocab_size,
+                                     eos_token_id=extras.eos_token_id)
     finally:
         reader.close()
     count = sum(len(j.hf) for j in jobs)

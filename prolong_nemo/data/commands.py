@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "inspect": "prolong_nemo.data.inspect",
     "tokenize": "prolong_nemo.data.tokenize",
     "pack": "prolong_nemo.data.packer",
+    "hf-tokenizer": "prolong_nemo.data.hf_tokenizer",
 }
 WRITERS = ("tokenize", "pack")  # sub-commands with inputs, -o/--output and --overwrite
 

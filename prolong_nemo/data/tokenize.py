@@ -1,4 +1,4 @@
-"""Tokenize text / JSONL / chat JSONL into raw MDS documents with the Llama-3 tokenizer.
+"""Tokenize text / JSONL / chat JSONL into raw MDS documents (Llama-3 tokenizer, or --tokenizer DIR).
 
 Inputs (format picked per file with ``--format auto``):
 
@@ -14,11 +14,21 @@ Output: one MDS folder of raw documents: ``input_ids`` (ndarray:uint32, no BOS/E
 ``length`` (int), ``domain`` (str) and, for chat data, ``mask`` (ndarray:uint8). Documents are
 written in input order whatever the number of worker processes. The tokenizer is Meta's
 (llama-models, offline); special tokens written literally in text are encoded as plain text.
+
+With ``--tokenizer DIR`` (a Hugging Face tokenizer folder, e.g. ``prolong-nemo data hf-tokenizer``'s)
+documents are encoded with ``AutoTokenizer`` instead (special-token text still plain text) and chats
+are rendered with that tokenizer's own chat template; the mask is 1 on what its template marks or
+renders as the assistant turns (``prolong_nemo.data.hf_tokenizer.encode_chat``). With the Llama-3
+folder both paths give the same ids and masks, except that special-token text inside chat contents
+becomes the control token (as with any transformers chat template) and that the offline path splits
+runs of over 25K whitespace / non-whitespace characters the way llama-models does (a run of 26K
+spaces: one token more).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import io
 import json
@@ -35,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prolong_nemo.data import hf_tokenizer
 from prolong_nemo.data.mds import SHARD_SIZE_LIMIT, prepare_output_dir
 from prolong_nemo.errors import UserError
 
@@ -61,6 +72,7 @@ class TokenizeOptions:
     domain: str | None = None  # default: a record's `domain` field, else the file's stem
     workers: int = 1
     batch_size: int = 32  # records per task sent to a worker
+    tokenizer: str | None = None  # a Hugging Face tokenizer folder; None: Meta's offline Llama-3 tokenizer
 
 
 @dataclass(frozen=True)
@@ -163,19 +175,33 @@ def _messages(rec: RawRecord, obj: dict, key: str) -> list[dict]:
     return msgs
 
 
+@functools.lru_cache(maxsize=None)
+def get_encoders(tokenizer: str | None = None):
+    """(encode_text(text), encode_chat(messages)) of the offline tokenizer, or of the Hugging Face
+    tokenizer folder `tokenizer`; loaded once per process (each worker loads its own)."""
+    if tokenizer is None:
+        tok = get_tokenizer()
+        return functools.partial(encode_text, tok), functools.partial(encode_chat, tok)
+    hf = hf_tokenizer.load(tokenizer)
+    return functools.partial(hf_tokenizer.encode_text, hf), functools.partial(hf_tokenizer.encode_chat, hf)
+
+
 def encode_record(rec: RawRecord, opts: TokenizeOptions) -> EncodedDoc:
-    tok = get_tokenizer()
+    text_ids, chat_ids = get_encoders(opts.tokenizer)
     if rec.kind == "text":
-        return EncodedDoc(np.asarray(encode_text(tok, rec.payload), dtype=np.uint32), rec.domain)
+        return EncodedDoc(np.asarray(text_ids(rec.payload), dtype=np.uint32), rec.domain)
     obj = _parse_json(rec)
     domain = obj["domain"] if isinstance(obj.get("domain"), str) and opts.domain is None else rec.domain
     if rec.kind == "chat":
-        ids, mask = encode_chat(tok, _messages(rec, obj, opts.messages_field))
+        try:
+            ids, mask = chat_ids(_messages(rec, obj, opts.messages_field))
+        except hf_tokenizer.ChatTemplateError as err:
+            raise _fail(rec, str(err)) from None
         return EncodedDoc(np.asarray(ids, dtype=np.uint32), domain, np.asarray(mask, dtype=np.uint8))
     text = obj.get(opts.text_field)
     if not isinstance(text, str):
         raise _fail(rec, f"missing string field '{opts.text_field}'")
-    return EncodedDoc(np.asarray(encode_text(tok, text), dtype=np.uint32), domain)
+    return EncodedDoc(np.asarray(text_ids(text), dtype=np.uint32), domain)
 
 
 def _encode_batch(args: tuple[list[RawRecord], TokenizeOptions]) -> list[EncodedDoc]:
@@ -295,6 +321,8 @@ def tokenize_files(inputs: Sequence[Path], out_dir: Path, opts: TokenizeOptions 
     files = expand_inputs(inputs)
     kinds = [detect_format(p, opts) for p in files]
     with_mask = _check_kinds(files, kinds)
+    if opts.tokenizer is not None:  # a bad folder fails here, in one line, before any output exists
+        hf_tokenizer.load(opts.tokenizer, need_chat_template=with_mask)
     stats = TokenizeStats(files=len(files))
     prepare_output_dir(Path(out_dir), overwrite)
     columns = dict(RAW_COLUMNS, **({"mask": "ndarray:uint8"} if with_mask else {}))
@@ -353,6 +381,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages-field", default="messages")
     parser.add_argument("--domain", default=None, help="domain of every document (default: record "
                         "`domain` field, else the file name without extension)")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="a Hugging Face tokenizer folder (AutoTokenizer) to encode with; chats are rendered "
+                             "with its chat template (default: Meta's offline Llama-3 tokenizer and format)")
     parser.add_argument("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--batch-size", type=int, default=32, help="records per worker task")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -362,7 +393,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     opts = TokenizeOptions(fmt=args.fmt, text_field=args.text_field, messages_field=args.messages_field,
-                           domain=args.domain, workers=args.workers, batch_size=args.batch_size)
+                           domain=args.domain, workers=args.workers, batch_size=args.batch_size,
+                           tokenizer=args.tokenizer)
     start = time.perf_counter()
     stats = tokenize_files(args.inputs, args.output, opts, overwrite=args.overwrite,
                            progress=not args.no_progress)
