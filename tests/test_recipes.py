@@ -1,4 +1,4 @@
-"""The ProLong recipes: exact hyperparameters (prolong-recipe.md sections 1-2), Hydra overrides,
+"""The ProLong recipes: exact hyperparameters (ProLong's train_64K.sh / train_512K.sh), Hydra overrides,
 validation, and the CPU miniatures."""
 
 from __future__ import annotations
@@ -128,7 +128,9 @@ def test_unknown_override_key_is_refused():
     (["train.global_batch_size=10"], "global batch 10 not divisible"),
     (["train.micro_batch_size=2"], "micro_batch_size must be 1"),
     (["optim.warmup_fraction=1.0"], "warmup_fraction"),
-    (["data.mixture=[{path: a, proportion: 0.5}]"], "sum to 0.500000"),
+    (["data.mixture=[{path: a, proportion: 0.5}]"], r"data.mixture proportions sum to 0.5, not 1 \(a=0.5\)"),
+    # the rule `data inspect` applies too (data/mixture.py): two spellings of one folder
+    (["data.mixture=[{path: a, proportion: 0.5}, {path: ./a, proportion: 0.5}]"], "same domain folder"),
     (["parallel.sequence_parallel=true", "parallel.tp=1"], "needs tp > 1"),
     (["checkpoint.init=weights", "checkpoint.init_from=null"], "needs checkpoint.init_from"),
     (["loss.impl=naive"], "loss.impl"),
@@ -183,7 +185,7 @@ def test_round_trip_and_listing():
     r = stage_512k()
     assert RecipeConfig.from_dict(r.to_dict()) == r
     raw = compose_recipe("stage_64k")
-    with pytest.raises(RecipeError, match="unknown recipe sections"):
+    with pytest.raises(RecipeError, match=r"^invalid recipe: extra: Key 'extra' not in 'RecipeConfig'$"):
         RecipeConfig.from_dict({**raw, "extra": {}})
 
 
@@ -295,4 +297,40 @@ def test_recipes_describe_and_import_nothing_from_training():
     found |= {(path.name, alias.name) for path in root.glob("*.py") for node in ast.walk(ast.parse(path.read_text()))
               if isinstance(node, ast.Import) for alias in node.names if alias.name.startswith("prolong_nemo.training")}
     assert not found
-    assert {p.name for p in root.glob("*.py")} == {"__init__.py", "config.py", "stages.py", "plan.py", "launch.py"}
+    # and no backend code lives here (it moved to training/bridge and training/cpu)
+    assert not [p.name for p in root.glob("*.py") if p.name.startswith(("bridge", "entry", "cpu"))]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.tp=two", "parallel.tp: Value 'two' of type 'str' could not be converted to Integer"),
+    ("optim.lr=abc", "optim.lr: Value 'abc' of type 'str' could not be converted to Float"),
+    ("train.steps=100.5", "train.steps: Value '100.5' of type 'float' could not be converted to Integer"),
+    ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel: Value 'maybe' is not a valid bool"),
+    ("model.preset=llama3-70b", "model.preset: unknown model preset 'llama3-70b'"),
+    ("parallel.tpp=2", "parallel.tpp: Key 'tpp' not in 'ParallelConfig'"),
+    ("+parallel.tpp=2", "parallel.tpp: Key 'tpp' not in 'ParallelConfig'"),
+    ("data.mixture=[{path: a, proportion: x}]", "data.mixture: proportion: Value 'x' of type 'str' could not"),
+    ("train.steps=null", "train.steps: field 'train.steps' is not Optional"),
+])
+def test_bad_values_are_one_line_naming_the_key(override, message, capsys):
+    """The structured schema types every key: a bad value is refused by OmegaConf while composing,
+    in one line naming the key, by every command that reads recipes."""
+    from prolong_nemo.cli import main as cli_main
+
+    with pytest.raises(RecipeError) as e:
+        load_recipe("stage_64k", [override])
+    assert str(e.value).startswith(f"recipe 'stage_64k': {message}") and "\n" not in str(e.value)
+    for command in (["plan"], ["train"], ["launch", "--dry-run"]):
+        capsys.readouterr()
+        rc = cli_main([*command, "stage_64k", override])
+        out = capsys.readouterr()
+        text = (out.err + out.out).strip()
+        assert rc in (1, 2) and message in text and "Traceback" not in text, (command, text)
+
+
+def test_typed_values_are_the_dataclasses():
+    r = load_recipe("stage_64k", ["parallel.tp=4", "optim.lr=2e-5", "+cluster.env.NCCL_DEBUG=INFO",
+                                  "checkpoint.optim_reshardable=true"])
+    assert type(r.parallel.tp) is int and r.parallel.tp == 4 and r.optim.lr == 2e-5
+    assert r.cluster.env == {"NCCL_DEBUG": "INFO"} and r.checkpoint.optim_reshardable is True
+    assert all(type(d).__name__ == "DomainConfig" for d in r.data.mixture)

@@ -1,8 +1,11 @@
 """Typed recipe configuration: what a ProLong stage is, independent of how it is launched.
 
-The YAML files in `recipes/` are the readable form; `RecipeConfig.from_dict` turns a composed
-Hydra config into these dataclasses and `validate()` refuses anything inconsistent. No torch,
-megatron or Bridge import here: `plan`, `launch` and tests read recipes anywhere.
+The YAML files in `recipes/` are the readable form. These dataclasses are their Hydra
+structured-config schema (registered in Hydra's ConfigStore by `stages.py`), so OmegaConf checks
+every key and type while the YAMLs and overrides are composed (`parallel.tp=two` is refused
+naming the key) and builds the `RecipeConfig` itself; `problems()` then checks what types cannot
+say (ranges, choices, divisibility). No torch, megatron or Bridge import here: `plan`, `launch`
+and tests read recipes anywhere.
 """
 
 from __future__ import annotations
@@ -10,9 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from omegaconf import MISSING
+
+from prolong_nemo.data.mds import DataError
+from prolong_nemo.data.mixture import Mixture
 from prolong_nemo.errors import UserError
 from prolong_nemo.model.config import LlamaArch, preset
 
@@ -26,7 +34,21 @@ class RecipeError(UserError):
     """A recipe that cannot run; the message says why (the CLI prints it without a traceback)."""
 
 
-@dataclass(frozen=True)
+def config_error(error: BaseException) -> str:
+    """One line for a Hydra / OmegaConf error: the key it names, then the library's reason."""
+    cause = error
+    while cause.__cause__ is not None and not getattr(cause, "full_key", None):
+        cause = cause.__cause__
+    key = getattr(cause, "full_key", None)
+    text = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()
+    reason = text[0] if text else type(cause).__name__
+    override = re.match(r"Error merging override [+~]*([^=\s]+)=", str(error))
+    if override and key and override.group(1) != key:
+        key = f"{override.group(1)}: {key}"  # a key inside the list or dict the override set
+    return f"{key}: {reason}" if key else " ".join(str(error).split())
+
+
+@dataclass
 class ModelConfig:
     preset: str = "llama3-8b"
     rope_theta: float = 500_000.0
@@ -35,17 +57,17 @@ class ModelConfig:
         return preset(self.preset, rope_theta=float(self.rope_theta))
 
 
-@dataclass(frozen=True)
+@dataclass
 class DomainConfig:
-    path: str
-    proportion: float
+    path: str = MISSING
+    proportion: float = MISSING
 
 
-@dataclass(frozen=True)
+@dataclass
 class DataConfig:
-    root: str
-    mixture: tuple[DomainConfig, ...]
-    sequence_length: int
+    root: str = MISSING
+    mixture: list[DomainConfig] = MISSING
+    sequence_length: int = MISSING
     document_masking: bool = True
     instruction_masks: bool = False
     seed: int = 42
@@ -62,18 +84,18 @@ class DataConfig:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainConfig:
-    steps: int
-    global_batch_size: int
+    steps: int = MISSING
+    global_batch_size: int = MISSING
     micro_batch_size: int = 1
     seed: int = 1234
 
 
-@dataclass(frozen=True)
+@dataclass
 class OptimConfig:
-    lr: float
-    warmup_fraction: float
+    lr: float = MISSING
+    warmup_fraction: float = MISSING
     min_lr_ratio: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -90,14 +112,14 @@ class OptimConfig:
         return math.ceil(steps * self.warmup_fraction - 1e-9)
 
 
-@dataclass(frozen=True)
+@dataclass
 class LossConfig:
     per_token: bool = True
     impl: str = "chunked"
     chunk_tokens: int = 2048
 
 
-@dataclass(frozen=True)
+@dataclass
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
@@ -113,9 +135,9 @@ class ParallelConfig:
         return self.tp * self.pp * self.cp
 
 
-@dataclass(frozen=True)
+@dataclass
 class CheckpointConfig:
-    dir: str
+    dir: str = MISSING
     save_interval: int = 125
     init_from: str | None = None
     init: str = "none"
@@ -128,14 +150,14 @@ class CheckpointConfig:
     optim_read_by: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoggingConfig:
     log_interval: int = 1
     tensorboard_dir: str | None = None
     wandb_project: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class SlurmConfig:
     account: str | None = None
     partition: str | None = None
@@ -143,15 +165,15 @@ class SlurmConfig:
     job_name_prefix: str = "prolong-"
 
 
-@dataclass(frozen=True)
+@dataclass
 class ClusterConfig:
     nodes: int = 1
     gpus_per_node: int = 8
     gpu_memory_gb: float = 80.0
     gpu_arch: str = "hopper"
-    container_image: str = "nvcr.io/nvidia/nemo:26.06"
-    mounts: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
+    container_image: str | None = "nvcr.io/nvidia/nemo:26.06"
+    mounts: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
@@ -159,19 +181,20 @@ class ClusterConfig:
         return self.nodes * self.gpus_per_node
 
 
-@dataclass(frozen=True)
+@dataclass
 class RecipeConfig:
-    name: str
-    stage: str
-    model: ModelConfig
-    data: DataConfig
-    train: TrainConfig
-    optim: OptimConfig
-    loss: LossConfig
-    parallel: ParallelConfig
-    checkpoint: CheckpointConfig
-    logging: LoggingConfig
-    cluster: ClusterConfig
+    # MISSING ("???"): the stage YAMLs must set it (OmegaConf refuses a recipe that does not).
+    name: str = MISSING
+    stage: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     # ---- derived quantities -------------------------------------------------------------
     @property
@@ -201,42 +224,17 @@ class RecipeConfig:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "RecipeConfig":
-        """From a plain (resolved) mapping, e.g. `OmegaConf.to_container(cfg, resolve=True)`."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise RecipeError(f"unknown recipe sections {unknown}; known: {sorted(known)}")
+        """From a plain mapping (e.g. `to_dict()`'s), typed and checked by OmegaConf against this schema."""
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
         try:
-            data = dict(raw["data"])
-            data["mixture"] = tuple(DomainConfig(**d) for d in data["mixture"])
-            cluster = dict(raw.get("cluster") or {})
-            cluster["mounts"] = tuple(cluster.get("mounts") or ())
-            cluster["env"] = dict(cluster.get("env") or {})
-            cluster["slurm"] = SlurmConfig(**(cluster.get("slurm") or {}))
-            return cls(
-                name=str(raw["name"]),
-                stage=str(raw["stage"]),
-                model=ModelConfig(**raw["model"]),
-                data=DataConfig(**data),
-                train=TrainConfig(**raw["train"]),
-                optim=OptimConfig(**raw["optim"]),
-                loss=LossConfig(**(raw.get("loss") or {})),
-                parallel=ParallelConfig(**(raw.get("parallel") or {})),
-                checkpoint=CheckpointConfig(**raw["checkpoint"]),
-                logging=LoggingConfig(**(raw.get("logging") or {})),
-                cluster=ClusterConfig(**cluster),
-            )
-        except TypeError as e:  # an unknown or missing key inside a section
-            raise RecipeError(f"invalid recipe: {e}") from None
-        except KeyError as e:
-            raise RecipeError(f"recipe is missing {e}") from None
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), raw))
+        except OmegaConfBaseException as e:
+            raise RecipeError(f"invalid recipe: {config_error(e)}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["data"]["mixture"] = [dict(d) for d in out["data"]["mixture"]]
-        out["cluster"]["mounts"] = list(out["cluster"]["mounts"])
-        out["cluster"]["env"] = dict(out["cluster"]["env"])
-        return out
+        return dataclasses.asdict(self)
 
     # ---- validation ---------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -252,16 +250,10 @@ class RecipeConfig:
         d, t, o, par, ck = self.data, self.train, self.optim, self.parallel, self.checkpoint
         if d.sequence_length <= 0:
             p.append(f"data.sequence_length must be positive, got {d.sequence_length}")
-        if not d.mixture:
-            p.append("data.mixture is empty")
-        props = [m.proportion for m in d.mixture]
-        if any(not math.isfinite(x) or x < 0 for x in props):
-            p.append(f"data.mixture proportions must be finite and >= 0, got {props}")
-        elif d.mixture and abs(sum(props) - 1.0) > 1e-6:
-            p.append(f"data.mixture proportions sum to {sum(props):.6f}, not 1")
-        names = [m.path for m in d.mixture]
-        if len(set(names)) != len(names):
-            p.append("data.mixture lists a domain twice")
+        try:  # the one proportion rule of a written mixture (`data inspect` applies it too)
+            Mixture.checked(d.domain_paths(), what="data.mixture")
+        except DataError as e:
+            p.append(f"data.mixture: {e}" if not str(e).startswith("data.mixture") else str(e))
         if self.stage == "sft" and not d.instruction_masks:
             p.append("SFT trains on assistant tokens only: data.instruction_masks must be true")
 

@@ -2,8 +2,11 @@
 
     load_recipe("stage_512k", ["optim.lr=1e-5"])   # the paper's LR instead of the script's
 
-Composition uses Hydra's compose API (defaults lists, `key=value` / `+key=value` overrides),
-then OmegaConf resolves interpolations (`${name}`, `${oc.env:VAR,default}`).
+Composition uses Hydra's compose API (defaults lists, `key=value` / `+key=value` overrides)
+on top of the structured schema `recipe_schema` (the `RecipeConfig` dataclasses, registered in
+Hydra's ConfigStore and listed first in `common.yaml`'s defaults), so keys and types are checked
+by OmegaConf as the YAMLs and overrides merge; OmegaConf resolves interpolations (`${name}`,
+`${oc.env:VAR,default}`) and builds the `RecipeConfig`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from prolong_nemo.recipes.config import RecipeConfig, RecipeError
+from prolong_nemo.recipes.config import RecipeConfig, RecipeError, config_error
 
 # The three stages of the paper and their CPU miniatures (same shape, tiny model).
 STAGE_RECIPES: tuple[str, ...] = ("stage_64k", "stage_512k", "sft")
@@ -33,13 +36,17 @@ def available_recipes(directory: Path | None = None) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.yaml") if p.stem != "common")
 
 
-def compose_recipe(name: str, overrides: Sequence[str] = (), directory: Path | None = None) -> dict:
-    """The composed, resolved recipe as a plain dict. `name` is a recipe name or a YAML path."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+SCHEMA_NAME = "recipe_schema"
 
+
+def register_schema() -> None:
+    """Put the recipe dataclasses in Hydra's ConfigStore as `recipe_schema` (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RecipeConfig)
+
+
+def _resolve_name(name: str, directory: Path | None) -> tuple[Path, str]:
     if name.endswith((".yaml", ".yml")):
         path = Path(name).resolve()
         if not path.is_file():
@@ -48,19 +55,57 @@ def compose_recipe(name: str, overrides: Sequence[str] = (), directory: Path | N
     directory = Path(directory or recipes_dir()).resolve()
     if not (directory / f"{name}.yaml").is_file():
         raise RecipeError(f"unknown recipe {name!r}; known: {', '.join(available_recipes(directory))}")
+    return directory, name
+
+
+def compose_config(name: str, overrides: Sequence[str] = (), directory: Path | None = None):
+    """The composed recipe as an OmegaConf `DictConfig` typed by the schema (interpolations unresolved)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    directory, name = _resolve_name(name, directory)
+    register_schema()
     try:
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
-            cfg = compose(config_name=name, overrides=list(overrides))
-        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+            return compose(config_name=name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        raise RecipeError(f"recipe {name!r} with overrides {list(overrides)}: {e}") from None
-    return raw
+        raise RecipeError(f"recipe {name!r}: {config_error(e)}") from None
+
+
+def compose_recipe(name: str, overrides: Sequence[str] = (), directory: Path | None = None) -> dict:
+    """The composed, resolved recipe as a plain dict. `name` is a recipe name or a YAML path."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = compose_config(name, overrides, directory)
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"recipe {cfg.get('name', name)!r}: {config_error(e)}") from None
 
 
 def load_recipe(name: str, overrides: Sequence[str] = (), *, validate: bool = True,
                 directory: Path | None = None) -> RecipeConfig:
     """Compose `recipes/<name>.yaml` with Hydra overrides into a (validated) `RecipeConfig`."""
-    recipe = RecipeConfig.from_dict(compose_recipe(name, overrides, directory))
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = compose_config(name, overrides, directory)
+    try:
+        # Merged as plain data onto the schema once more: a `+key=value` that added a key the
+        # schema lacks is refused here (Hydra's `+` may add keys to a typed node).
+        cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), OmegaConf.to_container(cfg))
+        OmegaConf.resolve(cfg)
+        recipe = OmegaConf.to_object(cfg)  # the dataclasses themselves, built by OmegaConf
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"recipe {name!r}: {config_error(e)}") from None
+    if not isinstance(recipe, RecipeConfig):  # a YAML that does not list `common` (the schema)
+        raise RecipeError(f"recipe {name!r} does not build on the recipe schema: list `common` in its defaults")
+    try:  # a choice, not a type: checked here so that nothing downstream meets an unknown preset
+        recipe.arch
+    except ValueError as e:
+        raise RecipeError(f"recipe {name!r}: model.preset: {e}") from None
     return recipe.validate() if validate else recipe
 
 
