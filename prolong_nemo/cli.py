@@ -3,17 +3,24 @@
 Each command group lives next to the code it drives and exposes
 ``configure_parser(parser)``, which adds its arguments (or sub-commands) to
 the parser of `prolong-nemo <group>` and sets ``func`` (called with the parsed args).
-Groups are imported lazily so `prolong-nemo data ...` never pays for importing megatron.
+Groups are imported lazily: `prolong-nemo --help` and `--version` import no group, and a
+group's module is imported only when that group runs. A group with sub-commands can defer its
+sub-commands the same way with `LazyParser` and `module_summary` (see `prolong_nemo.data.commands`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import logging
 import sys
 import warnings
+from functools import cache
+from pathlib import Path
+from typing import Callable
 
+import prolong_nemo
 from prolong_nemo.errors import UserError
 
 # (command, module that registers it, one-line help)
@@ -27,15 +34,59 @@ COMMAND_GROUPS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def _module_file(module_name: str) -> Path:
+    """The source file of a `prolong_nemo` module, found without importing it or its package.
+
+    (`importlib.util.find_spec("prolong_nemo.convert.commands")` would import `prolong_nemo.convert`,
+    whose `__init__` imports torch.)
+    """
+    top, *parts = module_name.split(".")
+    if top != "prolong_nemo":
+        raise ValueError(f"not a prolong_nemo module: {module_name}")
+    return Path(prolong_nemo.__file__).parent.joinpath(*parts).with_suffix(".py")
+
+
+@cache
+def module_summary(module_name: str) -> str | None:
+    """First line of a `prolong_nemo` module's docstring, read from its source without importing it;
+    None when the module is not there (a sub-command whose code is not in this install)."""
+    path = _module_file(module_name)
+    if not path.is_file():
+        return None
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+class LazyParser(argparse.ArgumentParser):
+    """A sub-command's parser that adds its arguments (``configure(parser)``) only when that
+    sub-command is parsed, so `prolong-nemo <group> --help` imports none of the sub-commands' modules.
+
+    Use as ``parser.add_subparsers(parser_class=LazyParser)`` and
+    ``sub.add_parser(name, help=..., configure=...)``.
+    """
+
+    def __init__(self, *args, configure: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._configure = configure
+
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse's sub-parsers action parses the chosen sub-command through this method.
+        if self._configure is not None:
+            configure, self._configure = self._configure, None
+            configure(self)
+        return super().parse_known_args(args, namespace)
+
+
+def version_line() -> str:
+    return f"prolong-nemo {prolong_nemo.__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prolong-nemo", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name, help_text in COMMAND_GROUPS:
-        try:
-            module = importlib.util.find_spec(module_name)
-        except ModuleNotFoundError:
-            module = None
-        if module is None:
+        if not _module_file(module_name).is_file():
             continue
         # Register lazily: the group's module is imported only when its command runs.
         group = sub.add_parser(name, help=help_text, add_help=False)
@@ -70,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
+        return 0
+    if argv[0] == "--version":
+        print(version_line())
         return 0
     top, _ = parser.parse_known_args(argv[:1])
     module = importlib.import_module(top._group_module)

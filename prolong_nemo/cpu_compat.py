@@ -1,7 +1,7 @@
 """Every CPU workaround for megatron-core lives here, and only here.
 
-megatron-core assumes CUDA in a few places that a CPU run reaches (megatron-contracts.md,
-"Megatron-Core on a CPU"). `apply_cpu_patches()` replaces exactly those functions with
+megatron-core assumes CUDA in a few places that a CPU run reaches (listed below).
+`apply_cpu_patches()` replaces exactly those functions with
 CPU-capable equivalents; it is idempotent and does nothing when CUDA is available, so GPU
 runs always execute megatron-core's own code.
 

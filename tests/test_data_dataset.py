@@ -13,7 +13,7 @@ from prolong_nemo.data.packing import PackingConfig, build_row
 
 from data_fixtures import write_random_domain
 
-# ProLong's stage-1 mixture (prolong-recipe.md section 2).
+# ProLong's stage-1 mixture (`domains` in https://github.com/princeton-nlp/ProLong/blob/main/train_64K.sh).
 STAGE1 = {"thestackv1_concat_by_repo-65536": 0.30, "book-65536": 0.30, "fineweb-edu": 0.10,
           "fineweb-2023-50": 0.10, "stackexchange": 0.04, "dolmawiki": 0.04, "tuluv2": 0.03,
           "arxiv": 0.03, "openwebmath": 0.03, "textbooks": 0.03}

@@ -1,4 +1,5 @@
-"""build_row against a plain per-document reference loop (prolong-recipe.md section 4)."""
+"""build_row against a plain per-document reference loop (ProLong's DataCollator, training/dataset.py in
+github.com/princeton-nlp/ProLong: each `indices` segment is one document whose first token is not a target)."""
 
 from collections import Counter
 

@@ -15,7 +15,7 @@ BOS, EOS = 128000, 128001
 RAW_COLUMNS = {"input_ids": "ndarray:uint32", "length": "int", "domain": "str"}
 
 
-# ---- the reference, written plainly from prolong-recipe.md section 3 (Python lists) ----------
+# ---- the reference, written plainly from datatools `pack` (github.com/CodeCreator/datatools) --
 
 def _wrap(tokens, mask, first=None, last=None):
     """Add first/last special tokens (mask 0) unless missing, tokens empty, or already there."""

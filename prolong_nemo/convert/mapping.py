@@ -1,7 +1,8 @@
 """Hugging Face Llama <-> Megatron-Core GPTModel: names, shapes and the two fused layouts.
 
 Pure torch, no I/O. Megatron names are the TE layer-spec names, which the local spec also
-uses in its sharded state dict (megatron-contracts.md, "Checkpoint layout and HF names").
+uses in its sharded state dict (megatron-core's local layer spec maps `input_layernorm.` to
+`self_attention.linear_qkv.layer_norm_` and `pre_mlp_layernorm.` to `mlp.linear_fc1.layer_norm_`).
 Decoder-layer tensors are stored stacked: one dist-checkpoint key per tensor kind, with a
 leading layer axis (what `TransformerBlock.sharded_state_dict` requests when layers are
 homogeneous), so any TP/PP split of a later run reads its own slices.

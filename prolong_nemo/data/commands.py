@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from functools import partial
+
+from prolong_nemo.cli import LazyParser, module_summary
 
 # sub-command -> module exposing configure_parser(parser) (sets `func`)
 SUBCOMMANDS = {
@@ -16,15 +19,20 @@ WRITERS = ("tokenize", "pack")  # sub-commands with inputs, -o/--output and --ov
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="data_command", required=True)
+    # A sub-command's module (numpy, streaming, tokenizers) is imported only when it is chosen:
+    # `data --help` lists the sub-commands from their docstrings, read without importing them.
+    sub = parser.add_subparsers(dest="data_command", required=True, parser_class=LazyParser)
     for name, module_name in SUBCOMMANDS.items():
-        if importlib.util.find_spec(module_name) is None:
+        summary = module_summary(module_name)
+        if summary is None:
             continue
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        module.configure_parser(p)
-        if name in WRITERS:
-            p.set_defaults(func=_refusing_overlap(p.get_default("func")))
+        sub.add_parser(name, help=summary, configure=partial(_configure_subcommand, name, module_name))
+
+
+def _configure_subcommand(name: str, module_name: str, p: argparse.ArgumentParser) -> None:
+    importlib.import_module(module_name).configure_parser(p)
+    if name in WRITERS:
+        p.set_defaults(func=_refusing_overlap(p.get_default("func")))
 
 
 def _refusing_overlap(func):

@@ -300,7 +300,7 @@ def _cache_name(remote: str) -> str:
     return os.path.join(parsed.scheme, parsed.netloc, parsed.path.lstrip("/"))
 
 
-# The published ProLong packed format (prolong-recipe.md section 3).
+# The published ProLong packed format (the princeton-nlp/prolong-data-64K and -512K datasets on the HF Hub).
 PACKED_COLUMNS = {"input_ids": "ndarray:uint32", "indices": "ndarray:uint32", "length": "int", "domain": "str"}
 MASK_COLUMN = {"mask": "ndarray:uint8"}
 SHARD_SIZE_LIMIT = 1 << 26  # 64 MiB, as in the published shards

@@ -1,7 +1,7 @@
 """Pack raw MDS documents into ProLong-format fixed-length samples (input_ids, indices, length, domain, mask).
 
-Reproduces the reference ProLong packer (princeton-nlp datatools `pack`, docs/prolong-recipe.md
-section 3) for the options ProLong used:
+Reproduces the reference ProLong packer (datatools `pack`, github.com/CodeCreator/datatools, which
+ProLong's README names) for the options ProLong used:
 
 * documents (optionally wrapped in BOS/EOS) are appended to a buffer; once the buffer holds at
   least ``pack_length`` tokens, exactly ``pack_length`` tokens are emitted with ``indices`` (the

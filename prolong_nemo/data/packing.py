@@ -1,6 +1,7 @@
 """One ProLong sample -> one packed THD training row (docs/batch-contract.md).
 
-Targets follow the reference exactly (prolong-recipe.md section 4): inside each document segment
+Targets follow the reference exactly (ProLong's DataCollator, training/dataset.py in
+github.com/princeton-nlp/ProLong): inside each document segment
 every token predicts the next token of the same document, segments of at most one token are
 dropped (they carry no target and attend to nothing else), and with an instruction ``mask`` only
 tokens whose *target* is an assistant token count. For context parallelism every segment is

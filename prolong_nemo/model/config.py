@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# rope_theta per ProLong stage (prolong-recipe.md section 1); Llama-3 itself uses 500,000.
+# rope_theta per ProLong stage (ProLong's train_64K.sh / train_512K.sh); Llama-3 itself uses 500,000.
 ROPE_THETA_LLAMA3 = 500_000.0
 ROPE_THETA_64K = 8_000_000.0
 ROPE_THETA_512K = 128_000_000.0
