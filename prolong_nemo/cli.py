@@ -115,6 +115,19 @@ def quiet_known_noise() -> None:
         logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
 
 
+def parse_args(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """`prolong-nemo <group> ...` parsed by that group's parser (importing only that group's
+    module); ``args.func(args)`` runs it. Exits as argparse does on bad arguments or --help."""
+    top, _ = (parser or build_parser()).parse_known_args(argv[:1])
+    module = importlib.import_module(top._group_module)
+    group_parser = argparse.ArgumentParser(prog=f"prolong-nemo {top.command}")
+    module.configure_parser(group_parser)
+    # Options may follow positionals (`plan stage_64k --json parallel.cp=2`); argparse only
+    # supports that for parsers without sub-commands.
+    parse = group_parser.parse_args if group_parser._subparsers else group_parser.parse_intermixed_args
+    return parse(argv[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_known_noise()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -125,14 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--version":
         print(version_line())
         return 0
-    top, _ = parser.parse_known_args(argv[:1])
-    module = importlib.import_module(top._group_module)
-    group_parser = argparse.ArgumentParser(prog=f"prolong-nemo {top.command}")
-    module.configure_parser(group_parser)
-    # Options may follow positionals (`plan stage_64k --json parallel.cp=2`); argparse only
-    # supports that for parsers without sub-commands.
-    parse = group_parser.parse_args if group_parser._subparsers else group_parser.parse_intermixed_args
-    args = parse(argv[1:])
+    args = parse_args(argv, parser)
     try:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError, FileExistsError) as e:  # bad input or paths: one line, no traceback
