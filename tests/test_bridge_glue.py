@@ -289,6 +289,42 @@ def test_resume_and_weights_only_starts_keep_checkpoint_schedules():
     assert (weights["checkpoint"]["load"], weights["checkpoint"]["pretrained_checkpoint"]) == ("/runs/sft", "/runs/512k")
 
 
+def test_bridge_override_sections_are_the_pinned_config_container_fields(bridge):
+    """`bridge.<section>.<field>=...`: every section the recipe schema declares is a field of
+    the pinned release's ConfigContainer (0.5.0 and 0.6.2)."""
+    from prolong_nemo.recipes.config import BridgeOverrides
+
+    container = dataclass_fields(bridge.source("training/config.py"), "ConfigContainer")
+    declared = {f.name for f in dataclasses.fields(BridgeOverrides)}
+    assert declared <= set(container), declared - set(container)
+    assert {"ddp", "checkpoint", "model", "train", "optimizer", "logger"} <= declared
+
+
+def test_bridge_overrides_apply_after_the_mapping_and_name_a_bad_field():
+    from prolong_nemo.training.bridge.sections import apply_bridge_overrides
+
+    @dataclasses.dataclass
+    class Inner:
+        depth: int = 1
+
+    @dataclasses.dataclass
+    class DDP:
+        bucket_size: int | None = None
+        overlap_grad_reduce: bool = True
+        inner: Inner = dataclasses.field(default_factory=Inner)
+
+    container = SimpleNamespace(ddp=DDP(), checkpoint=None)
+    recipe = load_recipe("stage_64k", ["bridge.ddp.bucket_size=100000000", "bridge.ddp.overlap_grad_reduce=false",
+                                       "bridge.ddp.inner.depth=3"])
+    apply_bridge_overrides(container, recipe.bridge)
+    assert container.ddp == DDP(bucket_size=100_000_000, overlap_grad_reduce=False, inner=Inner(depth=3))
+    with pytest.raises(RecipeError, match=r"^bridge.ddp.bucket_sise: DDP has no field 'bucket_sise'; did you "
+                                          r"mean bucket_size\?$"):
+        apply_bridge_overrides(container, load_recipe("stage_64k", ["bridge.ddp.bucket_sise=1"]).bridge)
+    with pytest.raises(RecipeError, match=r"^bridge.checkpoint: this Megatron-Bridge's ConfigContainer has no "):
+        apply_bridge_overrides(container, load_recipe("stage_64k", ["bridge.checkpoint.async_save=true"]).bridge)
+
+
 def test_bridge_config_fields_exist_in_the_pinned_release(bridge):
     """Bridge-level fields (beyond the megatron base classes) checked against Bridge's source."""
     from megatron.core.distributed import DistributedDataParallelConfig
@@ -493,10 +529,12 @@ def test_progress_meter_numbers():
 def test_model_flops_hand_computed():
     l3 = preset("llama3-8b")
     matmul = 32 * 218_103_808 + 128256 * 4096  # embedding lookup has no FLOPs; the output layer does
-    attention = 32 * 4 * 4096 * 32768  # causal: s/2 positions on average at 64K
-    assert model_flops_per_token(l3, 65536) == 3 * (2 * matmul + attention) == 96_567_558_144
+    # causal over one 64K document: (s + 1) / 2 keys per query on average (the diagonal
+    # counts; model/flops.py, checked against torch's FlopCounterMode in tests/test_flops.py)
+    attention = 32 * 4 * 4096 * (65536 + 1) / 2
+    assert model_flops_per_token(l3, 65536) == 3 * (2 * matmul + attention) == 96_568_344_576
     meter = ProgressMeter.for_recipe(load_recipe("stage_64k"))
-    assert meter.flops_per_step == 96_567_558_144 * 4_194_304 and meter.world_size == 8
+    assert meter.flops_per_step == 96_568_344_576 * 4_194_304 and meter.world_size == 8
 
 
 # ---------------------------------------------------------------------------------------------

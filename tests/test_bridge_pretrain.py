@@ -111,7 +111,8 @@ def _run(recipe: str, metrics: Path, *overrides: str) -> dict:
     return {"recipe": recipe, "overrides": ["cluster.gpus_per_node=2", *overrides], "metrics": str(metrics)}
 
 
-FIRST_STAGE = (f"train.steps={STEPS}", "checkpoint.save_interval=100")  # no save before the end: overlap runs on
+FIRST_STAGE = (f"train.steps={STEPS}", "checkpoint.save_interval=100")
+CP2_GC_INTERVAL = 7  # Bridge fields the recipe schema does not model, passed as bridge.train.*  # no save before the end: overlap runs on
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,8 @@ def reference(workspace):
             _run("stage_512k_cpu", m / "512k.jsonl"),
             _run("sft_cpu", m / "sft.jsonl"),
             _run("stage_64k_cpu", m / "64k_cp2.jsonl", *FIRST_STAGE, "parallel.cp=2",
-                 f"checkpoint.dir={workspace / 'cp2'}")]
+                 f"checkpoint.dir={workspace / 'cp2'}", "bridge.train.manual_gc=true",
+                 f"bridge.train.manual_gc_interval={CP2_GC_INTERVAL}")]
     proc = _launch(workspace, "reference", runs, "runs")
     code = _wait(proc, workspace, "reference")
     assert code == 0, _tail(workspace, "reference")
@@ -143,6 +145,22 @@ def test_context_parallel_run_matches_data_parallel(reference):
     dp, cp = reference["64k"], reference["64k_cp2"]
     assert sorted(cp) == sorted(dp)
     assert max(abs(cp[s] - dp[s]) for s in dp) <= 2e-3
+
+
+def test_bridge_pass_through_reaches_the_config_container(reference, workspace):
+    """`bridge.train.manual_gc=true bridge.train.manual_gc_interval=7` are on the ConfigContainer
+    the real loop trained with (the run_config.yaml Bridge saved with the checkpoint), and only
+    in the run that asked for them."""
+    import yaml
+
+    def saved_train(root: Path) -> dict:
+        step = int((root / "latest_checkpointed_iteration.txt").read_text())
+        return yaml.safe_load((root / f"iter_{step:07d}" / "run_config.yaml").read_text())["train"]
+
+    asked = saved_train(workspace / "cp2")
+    assert asked["manual_gc"] is True and asked["manual_gc_interval"] == CP2_GC_INTERVAL
+    default = saved_train(workspace / "runs" / "stage_64k_cpu" / "checkpoints")
+    assert default["manual_gc"] is False and default["manual_gc_interval"] != CP2_GC_INTERVAL
 
 
 def test_chain_restarts_schedule_and_keeps_adam_state(reference, workspace):

@@ -480,3 +480,41 @@ def test_prolong_published_stage_costs_against_the_band(name, implied_mfu, no_da
     mfu = plan.cost.per_step.total * recipe.train.steps / (hours * 3600 * GPU_PEAKS["H100-SXM"].bf16)
     assert implied_mfu[0] < mfu < implied_mfu[1] < MFU_BAND[0]
     assert hours > plan.cost.band()["gpu_hours"][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hydra conventions: --cfg job and -m sweeps
+# ---------------------------------------------------------------------------------------------
+def test_cfg_job_prints_the_composed_recipe(capsys):
+    import yaml
+
+    from prolong_nemo.cli import main as cli_main
+    from prolong_nemo.recipes.config import RecipeConfig
+
+    assert cli_main(["plan", "stage_512k", "optim.lr=1e-5", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# recipe stage_512k, composed and resolved")
+    printed = RecipeConfig.from_dict(yaml.safe_load(out))
+    assert printed == load_recipe("stage_512k", ["optim.lr=1e-5"]) and printed.optim.lr == 1e-5
+    assert out.rstrip().endswith("prolong-nemo train stage_512k --cfg job")
+
+
+def test_multirun_sweep_prints_one_verdict_per_point(capsys):
+    from prolong_nemo.cli import main as cli_main
+
+    rc = cli_main(["plan", "-m", "stage_64k", "parallel.tp=2,4", "parallel.cp=range(1,3)", "train.seed=7"])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0, lines
+    labels = [line.split(":")[0] for line in lines[:-1]]
+    assert labels == [f"parallel.tp={tp} parallel.cp={cp} train.seed=7" for tp in (2, 4) for cp in (1, 2)]
+    assert all(": OK | " in line and " GB/GPU of 80 | " in line for line in lines[:-1])
+    assert lines[-1] == "4 of 4 points OK"
+    # each point's verdict is that point's own plan
+    for line, (tp, cp) in zip(lines, [(2, 1), (2, 2), (4, 1), (4, 2)]):
+        point = make_plan(load_recipe("stage_64k", [f"parallel.tp={tp}", f"parallel.cp={cp}"]))
+        assert f": OK | {point.memory.total / 1e9:.1f} GB/GPU of 80 | " in line
+    assert len({line.split(" | ")[1] for line in lines[:-1]}) == 4  # four different layouts, four estimates
+    rc = cli_main(["plan", "-m", "stage_64k", "parallel.tp=1,3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 1 and lines[-1] == "0 of 2 points OK"
+    assert lines[1].startswith("parallel.tp=3: REFUSED: attention heads (32) not divisible by tp=3")

@@ -320,7 +320,7 @@ def test_bad_values_are_one_line_naming_the_key(override, message, capsys):
     with pytest.raises(RecipeError) as e:
         load_recipe("stage_64k", [override])
     assert str(e.value).startswith(f"recipe 'stage_64k': {message}") and "\n" not in str(e.value)
-    for command in (["plan"], ["train"], ["launch", "--dry-run"]):
+    for command in (["plan"], ["train", "--backend", "cpu"], ["launch", "--dry-run"]):
         capsys.readouterr()
         rc = cli_main([*command, "stage_64k", override])
         out = capsys.readouterr()
@@ -334,3 +334,21 @@ def test_typed_values_are_the_dataclasses():
     assert type(r.parallel.tp) is int and r.parallel.tp == 4 and r.optim.lr == 2e-5
     assert r.cluster.env == {"NCCL_DEBUG": "INFO"} and r.checkpoint.optim_reshardable is True
     assert all(type(d).__name__ == "DomainConfig" for d in r.data.mixture)
+
+
+def test_a_full_size_recipe_is_never_silently_swapped_for_its_cpu_miniature(monkeypatch, capsys):
+    """`train stage_64k` where the Bridge backend cannot run (no GPU, or a container without
+    Bridge) refuses in one line naming the miniature and --backend cpu, and trains nothing."""
+    from prolong_nemo.cli import main as cli_main
+    from prolong_nemo.training import train
+
+    monkeypatch.setattr(train, "bridge_unavailable", lambda: "no CUDA device is visible")
+    monkeypatch.setattr(train, "BACKENDS", {"cpu": "refused.before.import", "bridge": "refused.before.import"})
+    assert cli_main(["train", "stage_64k", "optim.lr=2e-5"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: stage_64k is a full-size recipe and the Megatron-Bridge backend cannot run here (no CUDA "
+                   "device is visible); to train its CPU miniature ask for it: `prolong-nemo train stage_64k_cpu` "
+                   "or `prolong-nemo train stage_64k --backend cpu`\n")
+    # a CPU recipe, or a YAML path, is what it says: no refusal (it fails later on the missing module)
+    with pytest.raises(ModuleNotFoundError, match="refused"):
+        train.train_recipe("stage_64k_cpu", [], log=lambda _: None)

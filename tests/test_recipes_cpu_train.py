@@ -52,8 +52,8 @@ SCRIPT = textwrap.dedent("""
     out["64k_init_equals_hf"] = (torch.equal(probe.model.embedding.word_embeddings.weight, hf.model.embed_tokens.weight)
                                  and torch.equal(probe.model.output_layer.weight, hf.lm_head.weight))
     logs.clear()
-    # `prolong-nemo train stage_64k` on a machine without GPU: the CPU miniature
-    assert train_recipe("stage_64k", init, log=logs.append) == 0
+    # `prolong-nemo train stage_64k --backend cpu`: the CPU miniature, asked for
+    assert train_recipe("stage_64k", init, backend="cpu", log=logs.append) == 0
     out["log_64k"] = list(logs); logs.clear()
 
     # stage 512K, killed after 2 of 4 steps, then resubmitted

@@ -182,6 +182,32 @@ class ClusterConfig:
 
 
 @dataclass
+class BridgeOverrides:
+    """`bridge.<section>.<field>=value`: per Megatron-Bridge ConfigContainer section, the
+    fields to set after the recipe's own mapping (the sections are declared so that Hydra
+    accepts a new field in them without `+`)."""
+
+    train: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    ddp: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+    mixed_precision: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    dist: dict[str, Any] = field(default_factory=dict)
+    profiling: dict[str, Any] = field(default_factory=dict)
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        """(section, fields) for every section that sets something."""
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name)]
+
+
+@dataclass
 class RecipeConfig:
     # MISSING ("???"): the stage YAMLs must set it (OmegaConf refuses a recipe that does not).
     name: str = MISSING
@@ -195,6 +221,11 @@ class RecipeConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Megatron-Bridge fields this schema does not model, set on the ConfigContainer after the
+    # recipe's own mapping: `bridge.<section>.<field>=value` (e.g. bridge.ddp.bucket_size=1e8,
+    # bridge.checkpoint.async_save=true, bridge.model.attention_backend=fused). Checked against
+    # Bridge's own dataclass fields when the job builds its ConfigContainer.
+    bridge: BridgeOverrides = field(default_factory=BridgeOverrides)
 
     # ---- derived quantities -------------------------------------------------------------
     @property

@@ -49,12 +49,13 @@ times the GPUs of a node. The DP-reshardable format saves each rank's own shard 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from prolong_nemo.model.config import LlamaArch
 from prolong_nemo.model.flops import GPU_BY_ARCH, StepCost, step_cost
@@ -530,6 +531,42 @@ def make_plan(recipe: RecipeConfig, *, env: Mapping[str, object] | None = None, 
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
+def verdict_line(plan: Plan) -> str:
+    """One line per sweep point: OK with memory and expected throughput, or the first refusal."""
+    if not plan.ok:
+        more = f" (+{len(plan.errors) - 1} more)" if len(plan.errors) > 1 else ""
+        return f"REFUSED: {plan.errors[0]}{more}"
+    parts = ["OK", f"{plan.memory.total / GB:.1f} GB/GPU of {plan.recipe.cluster.gpu_memory_gb:g}"]
+    if plan.cost is not None:
+        low, high = plan.cost.band()["tokens_per_s_per_gpu"]
+        parts.append(f"{low:,.0f}-{high:,.0f} tokens/s/GPU")
+    return " | ".join(parts)
+
+
+def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
+    """Hydra's multirun expansion of `overrides` (`parallel.tp=1,2 parallel.cp=1,2,4`: 6 points),
+    parsed by Hydra's own override grammar (choice sweeps, `range(...)`, quoting)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    axes = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if override.is_sweep_override():
+            key = f"{override.get_key_element()}="
+            axes.append([key + value for value in override.sweep_string_iterator()])
+        else:
+            axes.append([override.input_line])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def print_job_config(recipe: RecipeConfig) -> None:
+    """`--cfg job` (Hydra's convention): the composed, resolved recipe as YAML."""
+    from omegaconf import OmegaConf
+
+    print(f"# recipe {recipe.name}, composed and resolved (what `plan`, `train` and `launch` read)")
+    print(OmegaConf.to_yaml(OmegaConf.structured(recipe)), end="")
+    print(f"# the Megatron-Bridge ConfigContainer it builds, flattened: prolong-nemo train {recipe.name} --cfg job")
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = "Check a recipe's layout, software versions and per-GPU memory before launching."
     parser.add_argument("recipe", help="recipe name in recipes/ (stage_64k, stage_512k, sft, *_cpu) or a YAML path")
@@ -537,17 +574,49 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict-env", action="store_true",
                         help="treat missing TE / cuDNN / Bridge as errors (run this on the training nodes)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--cfg", choices=("job",), help="print the composed recipe (Hydra's --cfg job) instead of a plan")
+    parser.add_argument("-m", "--multirun", action="store_true",
+                        help="sweep: `parallel.tp=1,2 parallel.cp=1,2,4` plans every point, one verdict line each")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from prolong_nemo.recipes.stages import load_recipe
 
+    if args.multirun:
+        return run_sweep(args)
     try:
         recipe = load_recipe(args.recipe, args.overrides, validate=False)
     except RecipeError as e:
         print(f"plan REFUSED: {e}", file=sys.stderr)
         return 2
+    if args.cfg == "job":
+        print_job_config(recipe)
+        return 0
     plan = make_plan(recipe, strict_env=args.strict_env)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.report())
     return 0 if plan.ok else 1
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from prolong_nemo.recipes.stages import load_recipe
+
+    if args.cfg or args.json:
+        raise RecipeError("plan -m prints one verdict line per point: without --cfg / --json")
+    try:
+        points = sweep_points(args.overrides)
+    except Exception as e:  # Hydra's grammar errors (hydra.errors.OverrideParseException)
+        raise RecipeError(f"plan -m: {' '.join(str(e).split())}") from None
+    environment, refused = detect_environment(), 0
+    for point in points:
+        label = " ".join(point) or "(no overrides)"
+        try:
+            plan = make_plan(load_recipe(args.recipe, point, validate=False), env=environment,
+                             strict_env=args.strict_env)
+            line = verdict_line(plan)
+            refused += not plan.ok
+        except RecipeError as e:
+            line, refused = f"REFUSED: {e}", refused + 1
+        print(f"{label}: {line}")
+    print(f"{len(points) - refused} of {len(points)} points OK")
+    return 0 if not refused else 1

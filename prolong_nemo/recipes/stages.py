@@ -58,6 +58,12 @@ def _resolve_name(name: str, directory: Path | None) -> tuple[Path, str]:
     return directory, name
 
 
+def _bridge_field(override: str) -> str:
+    """`bridge.<section>.<field>=v` sets a Bridge field the schema does not list: Hydra's `++`
+    (add or override), so the user need not know whether a YAML already set it."""
+    return f"++{override}" if override.startswith("bridge.") and "=" in override else override
+
+
 def compose_config(name: str, overrides: Sequence[str] = (), directory: Path | None = None):
     """The composed recipe as an OmegaConf `DictConfig` typed by the schema (interpolations unresolved)."""
     from hydra import compose, initialize_config_dir
@@ -68,7 +74,7 @@ def compose_config(name: str, overrides: Sequence[str] = (), directory: Path | N
     register_schema()
     try:
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
-            return compose(config_name=name, overrides=list(overrides))
+            return compose(config_name=name, overrides=[_bridge_field(o) for o in overrides])
     except (HydraException, OmegaConfBaseException) as e:
         raise RecipeError(f"recipe {name!r}: {config_error(e)}") from None
 

@@ -8,22 +8,15 @@ import time
 from dataclasses import dataclass
 
 from prolong_nemo.model.config import LlamaArch
+from prolong_nemo.model.flops import flops_per_token
 from prolong_nemo.recipes.config import RecipeConfig
 
 
 def model_flops_per_token(arch: LlamaArch, seq_length: int) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward), no recompute counted.
-
-    Forward: 2 x every matmul weight (the embedding is a lookup) plus causal attention over
-    the packed sequence, 2 x 2 x h per layer and attended position, s/2 positions on average.
-    Document masking skips cross-document blocks, so this is the nominal (upper) count.
-    """
-    h, f, g, d, L = (arch.hidden_size, arch.ffn_hidden_size, arch.num_query_groups, arch.head_dim,
-                     arch.num_layers)
-    per_layer = h * (arch.num_attention_heads * d + 2 * g * d) + arch.num_attention_heads * d * h + 3 * h * f
-    matmul = L * per_layer + arch.vocab_size * h
-    attention = L * 4 * h * (seq_length / 2)
-    return 3 * (2 * matmul + attention)
+    """Training FLOPs per token (3 x forward, no recompute; `model.flops`) of a row holding one
+    `seq_length`-token document: the nominal (upper) count, as the log does not see a step's
+    document lengths (document masking skips the cross-document attention blocks)."""
+    return flops_per_token(arch, float(seq_length), float(seq_length) ** 2)
 
 
 @dataclass
@@ -43,15 +36,18 @@ class ProgressMeter:
                    world_size=world_size or max(recipe.cluster.world_size, 1))
 
     def line(self, step: int, loss: float, step_seconds: float, memory_bytes: float | None,
-             lr: float | None = None, now: float | None = None) -> str:
-        """One log line after optimizer step `step` (1-based) that took `step_seconds`."""
+             lr: float | None = None, now: float | None = None, tokens: int | None = None) -> str:
+        """One log line after optimizer step `step` (1-based) that took `step_seconds`;
+        `tokens`: the step's own token count where rows vary (default: `tokens_per_step`)."""
         now = time.perf_counter() if now is None else now
         if self.first_step is None:  # the ETA uses the steps done by this process
             self.first_step, self.started = step - 1, now - step_seconds
         done = max(step - self.first_step, 1)
         eta = (now - self.started) / done * max(self.total_steps - step, 0)
-        tokens_s = self.tokens_per_step / step_seconds if step_seconds > 0 else float("nan")
-        tflops = self.flops_per_step / step_seconds / self.world_size / 1e12 if step_seconds > 0 else float("nan")
+        scale = 1.0 if tokens is None or not self.tokens_per_step else tokens / self.tokens_per_step
+        tokens_s = self.tokens_per_step * scale / step_seconds if step_seconds > 0 else float("nan")
+        tflops = (self.flops_per_step * scale / step_seconds / self.world_size / 1e12 if step_seconds > 0
+                  else float("nan"))
         parts = [f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.1f}%)",
                  f"lm loss {loss:.4f}"]
         if lr is not None:

@@ -20,22 +20,33 @@ from typing import Callable, Literal, Sequence
 
 from prolong_nemo.errors import UserError
 from prolong_nemo.recipes.config import RecipeError
+from prolong_nemo.recipes.stages import CPU_RECIPES
 
 Backend = Literal["auto", "bridge", "cpu"]
 
 
-def bridge_available() -> bool:
-    """Megatron-Bridge installed and a GPU visible (Bridge imports Transformer Engine)."""
+def bridge_unavailable() -> str | None:
+    """Why the Megatron-Bridge backend cannot run here (None: it can). Bridge imports
+    Transformer Engine, which needs a GPU."""
     import torch
 
-    return importlib.util.find_spec("megatron.bridge") is not None and torch.cuda.is_available()
+    if importlib.util.find_spec("megatron.bridge") is None:
+        return "Megatron-Bridge (megatron.bridge) is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return None
+
+
+def bridge_available() -> bool:
+    return bridge_unavailable() is None
 
 
 def select_backend(requested: Backend = "auto") -> Literal["bridge", "cpu"]:
     if requested == "auto":
         return "bridge" if bridge_available() else "cpu"
     if requested == "bridge" and not bridge_available():
-        raise RecipeError("the bridge backend needs a GPU and Megatron-Bridge (an NGC NeMo container)")
+        raise RecipeError(f"the bridge backend needs a GPU and Megatron-Bridge (an NGC NeMo container): "
+                          f"{bridge_unavailable()}")
     return requested
 
 
@@ -47,8 +58,18 @@ BACKENDS = {"bridge": "prolong_nemo.training.bridge.torchrun", "cpu": "prolong_n
 def train_recipe(recipe_name: str, overrides: Sequence[str] = (), *, backend: Backend = "auto",
                  log: Callable[[str], None] = print, exit_after: int | None = None,
                  synthetic_data: bool = False) -> int:
-    """Train `recipe_name` with Hydra `overrides`; returns a process exit code."""
-    module = importlib.import_module(BACKENDS[select_backend(backend)])
+    """Train `recipe_name` with Hydra `overrides`; returns a process exit code.
+
+    A full-size stage never silently becomes its CPU miniature: on a GPU node with a broken
+    container that would train a different model with the user's overrides. `auto` refuses
+    there; `--backend cpu` (or the `_cpu` recipe) asks for the miniature.
+    """
+    chosen = select_backend(backend)
+    if backend == "auto" and chosen == "cpu" and recipe_name in CPU_RECIPES:
+        raise RecipeError(f"{recipe_name} is a full-size recipe and the Megatron-Bridge backend cannot run here "
+                          f"({bridge_unavailable()}); to train its CPU miniature ask for it: `prolong-nemo train "
+                          f"{CPU_RECIPES[recipe_name]}` or `prolong-nemo train {recipe_name} --backend cpu`")
+    module = importlib.import_module(BACKENDS[chosen])
     return module.run_recipe(recipe_name, list(overrides), log=log, exit_after=exit_after,
                              synthetic_data=synthetic_data)
 

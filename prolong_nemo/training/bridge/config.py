@@ -22,7 +22,7 @@ except ImportError:  # Bridge 0.4 / 0.5: they live in training.config (0.6 re-ex
     from megatron.bridge.training.config import DatasetBuildContext, DatasetProvider
 
 from prolong_nemo.recipes.config import RecipeConfig
-from prolong_nemo.training.bridge.sections import bridge_sections, model_overrides
+from prolong_nemo.training.bridge.sections import apply_bridge_overrides, bridge_sections, model_overrides
 from prolong_nemo.training.data import build_prolong_datasets, dataset_fields
 from prolong_nemo.training.start import StartPoint, recorded_optimizer_lrs, resolve_start
 
@@ -85,7 +85,7 @@ def build_config_container(recipe: RecipeConfig, start: StartPoint | None = None
     # gradient-buffer dtype is set on it rather than on the DDP config alone.
     mixed_precision = get_mixed_precision_config("bf16_mixed")
     mixed_precision.grad_reduce_in_fp32 = recipe.parallel.grad_reduce_in_fp32
-    return bc.ConfigContainer(
+    container = bc.ConfigContainer(
         train=bc.TrainingConfig(**s["train"]),
         validation=bc.ValidationConfig(**s["validation"]),  # Bridge's name (re-exported or subclassed)
         model=build_model_provider(recipe),
@@ -99,6 +99,8 @@ def build_config_container(recipe: RecipeConfig, start: StartPoint | None = None
         rng=bc.RNGConfig(**s["rng"]),
         mixed_precision=mixed_precision,
     )
+    apply_bridge_overrides(container, recipe.bridge)  # the user's bridge.* fields, last
+    return container
 
 
 def bridge_version() -> tuple[int, ...]:

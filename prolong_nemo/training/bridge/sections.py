@@ -6,9 +6,11 @@ container, and CPU tests check every field name against the pinned Bridge source
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from typing import Any
 
-from prolong_nemo.recipes.config import RecipeConfig, optim_checkpoint_format
+from prolong_nemo.recipes.config import RecipeConfig, RecipeError, optim_checkpoint_format
 from prolong_nemo.training.start import StartPoint
 
 # Counters of Megatron-Bridge's TrainState that the restarted stage must start from zero.
@@ -114,3 +116,32 @@ def model_overrides(recipe: RecipeConfig) -> dict[str, Any]:
     else:
         out.update(recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
     return out
+
+
+def apply_bridge_overrides(container: Any, overrides: Any) -> None:
+    """`recipe.bridge.<section>.<field>` onto a built ConfigContainer, after our own mapping.
+
+    Every name is checked against the dataclass Bridge built for that section (so a typo or a
+    field this Bridge release lacks is one error naming it, not a silent no-op); a dict value
+    for a field holding a dataclass sets its fields the same way. Bridge's own
+    `ConfigContainer.validate()` (in `pretrain`) then checks the values together.
+    """
+    for section, values in overrides.items():
+        target = getattr(container, section, None)
+        if not dataclasses.is_dataclass(target):
+            raise RecipeError(f"bridge.{section}: this Megatron-Bridge's ConfigContainer has no {section} section")
+        _set_fields(target, values, f"bridge.{section}")
+
+
+def _set_fields(target: Any, values: dict[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(target)}
+    for key, value in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise RecipeError(f"{where}.{key}: {type(target).__name__} has no field {key!r}{hint}")
+        current = getattr(target, key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            _set_fields(current, value, f"{where}.{key}")
+        else:
+            setattr(target, key, value)

@@ -6,7 +6,6 @@ Same start points (resume / chain / weights / fresh, `training.start`), schedule
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 from typing import Callable
@@ -64,10 +63,6 @@ def _apply_start(start: StartPoint, state, recipe: RecipeConfig, log: Callable[[
     log(f"[prolong] {start.describe()}" + (f" at step {state.step}" if start.kind == "resume" else ""))
 
 
-def _peak_rss_bytes() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux reports KiB
-
-
 def run_cpu(recipe: RecipeConfig, *, log: Callable[[str], None] = print, exit_after: int | None = None,
             synthetic_data: bool = False):
     """Train a (small) recipe on CPU; returns the CPU runner's final state.
@@ -92,8 +87,9 @@ def run_cpu(recipe: RecipeConfig, *, log: Callable[[str], None] = print, exit_af
         apply_start(Run.of(recipe).start, state, recipe, log)  # under the run lock train() holds
 
     def log_line(record, state, _elapsed, _done) -> str:
-        return "[prolong] " + meter.line(record.step, record.loss, record.seconds, _peak_rss_bytes(),
-                                         lr=state.optimizer.param_groups[0]["lr"], now=time.perf_counter())
+        return "[prolong] " + meter.line(record.step, record.loss, record.seconds, cpu_runner.peak_rss_bytes(),
+                                         lr=state.optimizer.param_groups[0]["lr"], now=time.perf_counter(),
+                                         tokens=record.tokens)
 
     return cpu_runner.train(cfg, dataset, collate, log, start=start, log_line=log_line)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -293,14 +294,24 @@ def train_step(state: TrainState, cfg: TrainConfig, dataset: Sequence, collate: 
     return record
 
 
-def format_log(record: StepRecord, cfg: TrainConfig, state: TrainState, elapsed: float, steps_done: int) -> str:
-    lr = state.optimizer.param_groups[0]["lr"]
-    eta = elapsed / max(steps_done, 1) * (cfg.train_iters - record.step)
-    return (
-        f"step {record.step}/{cfg.train_iters} ({100.0 * record.step / cfg.train_iters:.1f}%) | "
-        f"loss {record.loss:.4f} | lr {lr:.3e} | tokens/s {record.tokens / record.seconds:,.0f} | "
-        f"elapsed {elapsed:.1f}s | ETA {eta:.1f}s"
-    )
+def peak_rss_bytes() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux reports KiB
+
+
+def progress_log(cfg: TrainConfig) -> Callable[[StepRecord, "TrainState", float, int], str]:
+    """The progress line of a run without a recipe, in the recipes' (and Bridge's) format."""
+    from prolong_nemo.training.progress import ProgressMeter, model_flops_per_token
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tokens = cfg.seq_length * cfg.micro_batches * max(world // cfg.cp, 1)  # nominal; each line has its own
+    meter = ProgressMeter(total_steps=cfg.train_iters, tokens_per_step=tokens, world_size=world,
+                          flops_per_step=model_flops_per_token(preset(cfg.preset), cfg.seq_length) * tokens)
+
+    def line(record: StepRecord, state: TrainState, _elapsed: float, _done: int) -> str:
+        return "[prolong] " + meter.line(record.step, record.loss, record.seconds, peak_rss_bytes(),
+                                         lr=state.optimizer.param_groups[0]["lr"], tokens=record.tokens)
+
+    return line
 
 
 def train(cfg: TrainConfig, dataset: Sequence, collate: Callable, log: Callable[[str], None] = print, *,
@@ -331,7 +342,7 @@ def _train(cfg: TrainConfig, dataset: Sequence, collate: Callable, log: Callable
         start(state)
     elif cfg.save_dir and load_checkpoint(cfg.save_dir, state, log):
         log(f"resumed from {cfg.save_dir} at step {state.step} ({state.consumed_samples} samples)")
-    log_line = log_line or (lambda record, state, elapsed, done: format_log(record, cfg, state, elapsed, done))
+    log_line = log_line or progress_log(cfg)
     started, steps_done = time.perf_counter(), 0
     while state.step < cfg.train_iters:
         record = train_step(state, cfg, dataset, collate)
