@@ -267,6 +267,12 @@ class RecipeConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        """The recipe as YAML (OmegaConf's rendering of the schema's values)."""
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
     # ---- validation ---------------------------------------------------------------------
     def problems(self) -> list[str]:
         """Every reason this recipe cannot run as configured (empty when it is valid)."""

@@ -560,10 +560,8 @@ def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
 
 def print_job_config(recipe: RecipeConfig) -> None:
     """`--cfg job` (Hydra's convention): the composed, resolved recipe as YAML."""
-    from omegaconf import OmegaConf
-
     print(f"# recipe {recipe.name}, composed and resolved (what `plan`, `train` and `launch` read)")
-    print(OmegaConf.to_yaml(OmegaConf.structured(recipe)), end="")
+    print(recipe.to_yaml(), end="")
     print(f"# the Megatron-Bridge ConfigContainer it builds, flattened: prolong-nemo train {recipe.name} --cfg job")
 
 

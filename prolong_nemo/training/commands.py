@@ -18,12 +18,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = "Train a recipe, or (without one) run the CPU runner on a small preset."
     parser.add_argument("recipe", nargs="?", default=None, help="recipe name (see prolong_nemo.recipes); omit for flag mode")
     parser.add_argument("overrides", nargs="*", help="recipe mode: Hydra overrides")
-    parser.add_argument("--backend", choices=("auto", "bridge", "cpu"), default="auto", help="recipe mode only")
+    parser.add_argument("--backend", choices=("auto", "bridge", "cpu"), default=None,
+                        help="recipe mode: auto (default; Megatron-Bridge where it runs, else refuses a full-size "
+                             "recipe), bridge, or cpu (the CPU runner; a full-size recipe's CPU miniature)")
+    parser.add_argument("--cfg", choices=("job",), default=None,
+                        help="recipe mode: print the composed recipe and the Megatron-Bridge ConfigContainer it "
+                             "builds (flattened), then exit without training (Hydra's --cfg job)")
     parser.add_argument("--synthetic-data", action="store_true", help="recipe mode: synthetic rows instead of MDS")
     parser.add_argument("--preset", help="model preset (prolong_nemo.model.config.PRESETS)")
     parser.add_argument("--rope-theta", type=float, default=None, help="override the preset's rope_theta")
-    parser.add_argument("--data", default="synthetic", help="'synthetic' (arithmetic documents) or a packed MDS directory")
-    parser.add_argument("--row-tokens", type=int, default=256, help="synthetic data: tokens per packed row")
+    parser.add_argument("--data", default=None,
+                        help="flag mode: 'synthetic' (arithmetic documents, the default) or a folder of packed "
+                             "ProLong MDS samples (input_ids + indices), read through the data adapter")
+    parser.add_argument("--row-tokens", type=int, default=None, help="synthetic data: tokens per packed row (256)")
     parser.add_argument("--seq-length", type=int, help="longest packed row")
     parser.add_argument("--train-iters", type=int)
     parser.add_argument("--micro-batches", type=int, help="micro-batches per step (per DP rank)")
@@ -54,11 +61,52 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
 
 
-def run(args: argparse.Namespace) -> int:
+# Flag-mode options and the recipe key that sets the same thing (recipe mode refuses the flag
+# and names the key: a flag that silently did nothing there trained something else).
+RECIPE_KEY_OF_FLAG = {
+    "preset": ("--preset", "model.preset"), "rope_theta": ("--rope-theta", "model.rope_theta"),
+    "data": ("--data", "data.root / data.mixture"), "row_tokens": ("--row-tokens", "--synthetic-data"),
+    "seq_length": ("--seq-length", "data.sequence_length"), "train_iters": ("--train-iters", "train.steps"),
+    "micro_batches": ("--micro-batches", "train.global_batch_size"), "lr": ("--lr", "optim.lr"),
+    "min_lr": ("--min-lr", "optim.min_lr_ratio"), "warmup_iters": ("--warmup-iters", "optim.warmup_fraction"),
+    "weight_decay": ("--weight-decay", "optim.weight_decay"), "clip_grad": ("--clip-grad", "optim.clip_grad"),
+    "loss_impl": ("--loss-impl", "loss.impl"), "chunk_tokens": ("--chunk-tokens", "loss.chunk_tokens"),
+    "save_dir": ("--save", "checkpoint.dir"), "save_interval": ("--save-interval", "checkpoint.save_interval"),
+    "metrics_file": ("--metrics-file", "logging.tensorboard_dir (metrics.jsonl there)"),
+    "log_interval": ("--log-interval", "logging.log_interval"), "seed": ("--seed", "train.seed"),
+    "cp": ("--cp", "parallel.cp"),
+}
+RECIPE_MODE_ONLY = {"backend": "--backend", "cfg": "--cfg", "synthetic_data": "--synthetic-data"}
+
+
+def flags_that_do_not_apply(args: argparse.Namespace) -> str | None:
+    given = lambda dest: getattr(args, dest) not in (None, False)  # noqa: E731
     if args.recipe is not None:
+        wrong = [f"{flag} (the recipe's {key})" for dest, (flag, key) in RECIPE_KEY_OF_FLAG.items() if given(dest)]
+        if wrong:
+            return (f"{', '.join(wrong)}: flag-mode options, which a recipe does not read; set the recipe key "
+                    f"as a Hydra override instead, e.g. `prolong-nemo train {args.recipe} optim.lr=2e-5`")
+    else:
+        wrong = [flag for dest, flag in RECIPE_MODE_ONLY.items() if given(dest)]
+        if wrong:
+            return f"{', '.join(wrong)}: recipe-mode options; name a recipe first (prolong-nemo train <recipe> ...)"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from prolong_nemo.recipes.config import RecipeError
+
+    problem = flags_that_do_not_apply(args)
+    if problem:
+        raise RecipeError(problem)
+    if args.recipe is not None:
+        if args.cfg == "job":
+            from prolong_nemo.training.train import print_job_config
+
+            return print_job_config(args.recipe, args.overrides, backend=args.backend or "auto")
         from prolong_nemo.training.train import train_recipe
 
-        return train_recipe(args.recipe, args.overrides, backend=args.backend, exit_after=args.exit_after,
+        return train_recipe(args.recipe, args.overrides, backend=args.backend or "auto", exit_after=args.exit_after,
                             synthetic_data=args.synthetic_data)
     if args.overrides:
         raise SystemExit(f"overrides {args.overrides} need a recipe name first")
@@ -68,4 +116,4 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         raise SystemExit(f"prolong-nemo train: {e}") from None
-    return run_flags(cfg, data=args.data, row_tokens=args.row_tokens)
+    return run_flags(cfg, data=args.data or "synthetic", row_tokens=args.row_tokens or 256)

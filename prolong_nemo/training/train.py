@@ -74,6 +74,32 @@ def train_recipe(recipe_name: str, overrides: Sequence[str] = (), *, backend: Ba
                              synthetic_data=synthetic_data)
 
 
+def print_job_config(recipe_name: str, overrides: Sequence[str] = (), *, backend: Backend = "auto") -> int:
+    """`prolong-nemo train <recipe> --cfg job`: the composed recipe, and the Megatron-Bridge
+    ConfigContainer the bridge backend builds from it (flattened); nothing is trained.
+    `--backend cpu` shows the recipe the CPU backend would train (a full-size stage's miniature)."""
+    from prolong_nemo.recipes.stages import load_recipe
+    from prolong_nemo.training.bridge.sections import container_view
+    from prolong_nemo.training.start import StartPoint, resolve_start
+
+    name = CPU_RECIPES.get(recipe_name, recipe_name) if backend == "cpu" else recipe_name
+    recipe = load_recipe(name, overrides)
+    print(f"# recipe {recipe.name}, composed and resolved")
+    print(recipe.to_yaml(), end="")
+    if backend == "cpu":
+        return 0
+    try:
+        start = resolve_start(recipe)
+        where = start.describe()
+    except RecipeError as e:  # e.g. the start checkpoint is not there yet: show the mapping anyway
+        start, where = StartPoint("fresh", load=recipe.checkpoint.dir), f"start undecided here: {e}"
+    print(f"# Megatron-Bridge ConfigContainer, flattened ({where}); Bridge's defaults fill every other field")
+    for key, value in container_view(recipe, start).items():
+        shown = getattr(value, "__name__", repr(value)) if callable(value) else repr(value)  # F.silu -> silu
+        print(f"{key}: {shown}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # A command-line front end (the `prolong-nemo train` command is wired to `train_recipe`)
 # ---------------------------------------------------------------------------------------------

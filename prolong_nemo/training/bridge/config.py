@@ -22,7 +22,12 @@ except ImportError:  # Bridge 0.4 / 0.5: they live in training.config (0.6 re-ex
     from megatron.bridge.training.config import DatasetBuildContext, DatasetProvider
 
 from prolong_nemo.recipes.config import RecipeConfig
-from prolong_nemo.training.bridge.sections import apply_bridge_overrides, bridge_sections, model_overrides
+from prolong_nemo.training.bridge.sections import (
+    apply_bridge_overrides,
+    bridge_sections,
+    model_overrides,
+    model_provider_inputs,
+)
 from prolong_nemo.training.data import build_prolong_datasets, dataset_fields
 from prolong_nemo.training.start import StartPoint, recorded_optimizer_lrs, resolve_start
 
@@ -57,15 +62,9 @@ class ProLongDatasetProvider(DatasetProvider):
 
 
 def build_model_provider(recipe: RecipeConfig):
-    from prolong_nemo.model.megatron_config import ParallelSizes, RuntimeOptions, to_bridge_provider
+    from prolong_nemo.model.megatron_config import to_bridge_provider
 
-    par = recipe.parallel
-    provider = to_bridge_provider(
-        recipe.arch, recipe.data.sequence_length,
-        ParallelSizes(tp=par.tp, pp=par.pp, cp=par.cp, sequence_parallel=par.sequence_parallel),
-        RuntimeOptions(params_dtype=torch.bfloat16, use_cpu_initialization=False, fusions=True,
-                       recompute_layers=par.recompute == "full"),
-    )
+    provider = to_bridge_provider(*model_provider_inputs(recipe))
     for name, value in model_overrides(recipe).items():
         setattr(provider, name, value)
     return provider

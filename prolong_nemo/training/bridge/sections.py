@@ -1,7 +1,8 @@
 """What a recipe means for Megatron-Bridge's `ConfigContainer` sections, as plain data.
 
-No Bridge (or torch) import: `config.py` turns these into Bridge's config classes inside the
-container, and CPU tests check every field name against the pinned Bridge sources.
+No Bridge import (torch only for the model's dtype): `config.py` turns these into Bridge's
+config classes inside the container, CPU tests check every field name against the pinned
+Bridge sources, and `container_view` shows them (`prolong-nemo train <recipe> --cfg job`).
 """
 
 from __future__ import annotations
@@ -145,3 +146,43 @@ def _set_fields(target: Any, values: dict[str, Any], where: str) -> None:
             _set_fields(current, value, f"{where}.{key}")
         else:
             setattr(target, key, value)
+
+
+def model_provider_inputs(recipe: RecipeConfig) -> tuple:
+    """(arch, seq_length, ParallelSizes, RuntimeOptions) of the recipe's `GPTModelProvider`
+    (`model.megatron_config.to_bridge_provider`), before `model_overrides`."""
+    import torch
+
+    from prolong_nemo.model.megatron_config import ParallelSizes, RuntimeOptions
+
+    par = recipe.parallel
+    return (recipe.arch, recipe.data.sequence_length,
+            ParallelSizes(tp=par.tp, pp=par.pp, cp=par.cp, sequence_parallel=par.sequence_parallel),
+            RuntimeOptions(params_dtype=torch.bfloat16, use_cpu_initialization=False, fusions=True,
+                           recompute_layers=par.recompute == "full"))
+
+
+def container_view(recipe: RecipeConfig, start: StartPoint) -> dict[str, Any]:
+    """Every ConfigContainer field our mapping sets, as `section.field` -> value, with the
+    recipe's `bridge.*` fields applied last (what `config.build_config_container` builds;
+    Bridge's own defaults fill the rest)."""
+    from prolong_nemo.model.megatron_config import bridge_provider_kwargs
+    from prolong_nemo.training.data import dataset_fields
+
+    sections = bridge_sections(recipe, start)
+    sections["model"] = {**bridge_provider_kwargs(*model_provider_inputs(recipe)), **model_overrides(recipe)}
+    sections["dataset"] = dataset_fields(recipe)
+    sections["mixed_precision"] = {"recipe": "bf16_mixed", "grad_reduce_in_fp32": recipe.parallel.grad_reduce_in_fp32}
+    view = {f"{name}.{key}": value for name, values in sections.items() for key, value in values.items()}
+    view.update(_flatten(dict(recipe.bridge.items()), "bridge_overrides"))
+    return {key.removeprefix("bridge_overrides."): value for key, value in view.items()}
+
+
+def _flatten(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}.{key}"))
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out

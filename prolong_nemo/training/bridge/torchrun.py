@@ -37,6 +37,9 @@ def run_recipe(recipe_name: str, overrides: list[str], *, log: Callable[[str], N
         # train.steps would change the LR schedule.
         raise RecipeError("--exit-after is not supported with Megatron-Bridge (no Bridge setting stops "
                           "N steps into a run); use --backend cpu for stop-and-resume drills")
+    if synthetic_data:
+        raise RecipeError("--synthetic-data is a CPU-runner option (--backend cpu); Megatron-Bridge trains "
+                          "the recipe's data.mixture")
     if "LOCAL_RANK" in os.environ:  # already one rank of a torchrun job
         from prolong_nemo.training.bridge.main import main
 

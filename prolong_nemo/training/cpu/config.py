@@ -7,6 +7,8 @@ import os
 from prolong_nemo.recipes.config import RecipeConfig, RecipeError
 from prolong_nemo.training.data import build_prolong_datasets, dataset_fields
 
+METRICS_FILE = "metrics.jsonl"  # in logging.tensorboard_dir: step, lm loss (full precision), tokens, seconds
+
 
 def cpu_train_config(recipe: RecipeConfig, dp: int = 1, exit_after: int | None = None):
     from prolong_nemo.training.cpu.runner import TrainConfig
@@ -22,6 +24,9 @@ def cpu_train_config(recipe: RecipeConfig, dp: int = 1, exit_after: int | None =
         chunk_tokens=recipe.loss.chunk_tokens, save_dir=recipe.checkpoint.dir,
         save_interval=recipe.checkpoint.save_interval, stop_after=exit_after,
         log_interval=recipe.logging.log_interval, seed=recipe.train.seed,
+        # Where Bridge writes TensorBoard events, the CPU backend appends one JSON line per step.
+        metrics_file=os.path.join(recipe.logging.tensorboard_dir, METRICS_FILE) if recipe.logging.tensorboard_dir
+        else None,
     )
 
 

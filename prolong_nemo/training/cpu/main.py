@@ -13,6 +13,7 @@ from typing import Callable
 from prolong_nemo.recipes.config import RecipeConfig, RecipeError
 from prolong_nemo.recipes.stages import CPU_RECIPES, load_recipe
 from prolong_nemo.training.cpu.config import cpu_dataset, cpu_train_config
+from prolong_nemo.training.data import build_prolong_datasets
 from prolong_nemo.training.progress import ProgressMeter
 from prolong_nemo.training.run import Run
 from prolong_nemo.training.schedule import restart_schedule, schedule_of
@@ -103,27 +104,34 @@ def run_recipe(recipe_name: str, overrides: list[str], *, log: Callable[[str], N
                synthetic_data: bool) -> int:
     name = cpu_recipe_name(recipe_name)
     if name != recipe_name:
-        log(f"[prolong] no GPU / Megatron-Bridge here: training {name}, the CPU miniature of {recipe_name}")
+        log(f"[prolong] CPU backend: training {name}, the CPU miniature of {recipe_name}")
     run_cpu(load_recipe(name, overrides), log=log, exit_after=exit_after, synthetic_data=synthetic_data)
     return 0
 
 
 def flag_dataset(cfg, data: str, row_tokens: int):
-    """The rows of `prolong-nemo train` in flag mode (no recipe)."""
+    """The rows of `prolong-nemo train` in flag mode (no recipe): synthetic arithmetic
+    documents, or a folder of packed ProLong MDS samples through the data adapter."""
     from prolong_nemo.model.config import preset
 
+    vocab = preset(cfg.preset).vocab_size
     if data == "synthetic":
         from prolong_nemo.training.synthetic import ArithmeticDocuments
 
         if row_tokens > cfg.seq_length:
             raise SystemExit(f"--row-tokens {row_tokens} exceeds --seq-length {cfg.seq_length}")
-        vocab = preset(cfg.preset).vocab_size
         return ArithmeticDocuments(vocab_size=vocab, row_tokens=row_tokens, seed=cfg.seed, cp_size=cfg.cp)
-    raise SystemExit(
-        f"--data {data!r}: only 'synthetic' is wired into the CPU runner so far; "
-        "packed MDS rows come through prolong_nemo.data.dataset (any indexable of contract rows works "
-        "with prolong_nemo.training.cpu.runner.train)"
-    )
+    import torch.distributed as dist
+
+    from prolong_nemo.training.cpu import runner as cpu_runner
+
+    cpu_runner.init_distributed(cp=cfg.cp, seed=cfg.seed)  # the data-parallel size sizes the dataset
+    dp = dist.get_world_size() // cfg.cp
+    train, _, _ = build_prolong_datasets(
+        domains=[{"path": data, "proportion": 1.0}], seq_length=cfg.seq_length, seed=cfg.seed,
+        document_masking=True, cp_size=cfg.cp, tp_size=1, sequence_parallel=False, vocab_size=vocab,
+        cache_dir=None, train_samples=cfg.train_iters * cfg.micro_batches * dp)
+    return train
 
 
 def run_flags(cfg, *, data: str, row_tokens: int) -> int:

@@ -352,6 +352,7 @@ def _train(cfg: TrainConfig, dataset: Sequence, collate: Callable, log: Callable
         if record.step % cfg.log_interval == 0 or record.step == cfg.train_iters:
             log(log_line(record, state, time.perf_counter() - started, steps_done))
         if cfg.metrics_file and dist.get_rank() == 0:
+            Path(cfg.metrics_file).parent.mkdir(parents=True, exist_ok=True)
             with open(cfg.metrics_file, "a") as f:
                 f.write(json.dumps(asdict(record)) + "\n")
         if cfg.exit_after is not None and steps_done >= cfg.exit_after:
