@@ -1,6 +1,7 @@
 # prolong-nemo on the NGC NeMo Framework container (Megatron-Bridge + Megatron-Core + TE).
 #
 #   docker build -t prolong-nemo:26.06 .                      # or --build-arg BASE_IMAGE=...:26.04
+#   (push it, then `prolong-nemo launch ... cluster.container_image=<registry>/prolong-nemo:26.06`)
 #   docker run --gpus all --ipc=host -v /data:/data prolong-nemo:26.06 \
 #       prolong-nemo train stage_64k data.root=/data/prolong-data-64K checkpoint.dir=/data/runs/64k
 #
@@ -36,6 +37,13 @@ COPY prolong_nemo ./prolong_nemo
 COPY recipes ./recipes
 COPY docs ./docs
 RUN python -m pip install --no-deps --no-build-isolation -e .
+
+# The fingerprint of the code this image holds. Every job `prolong-nemo launch` submits starts
+# with a preflight in the image that refuses to train when it is not the fingerprint of the
+# checkout that planned and submitted the job (prolong_nemo/recipes/preflight.py). Set the
+# pushed image as `cluster.container_image` (the stock NGC image is refused: it has no plugin).
+RUN python -c "from prolong_nemo.recipes.preflight import code_fingerprint; print(code_fingerprint())" \
+      > /opt/prolong-nemo/CODE_FINGERPRINT && cat /opt/prolong-nemo/CODE_FINGERPRINT
 
 # Refuse an image whose Megatron / transformers stack moved, and check that the plugin's
 # data and recipe modules import under the container's transformers (no GPU at build time:
