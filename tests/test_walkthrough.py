@@ -41,7 +41,8 @@ def test_the_extractor_joins_continuations():
 def test_the_walkthrough_covers_the_run_from_data_to_verified_export():
     steps = [" ".join(cmd[:2]) for cmd in cli_commands()]
     for step in ("convert hf-to-megatron", "convert verify", "data inspect", "plan stage_64k",
-                 "launch stage_64k", "launch stage_512k", "launch sft", "convert megatron-to-hf"):
+                 "launch stage_64k", "launch stage_512k", "launch sft", "launch pipeline",
+                 "convert megatron-to-hf"):
         assert step in steps
     downloads = {cmd[2] for cmd in doc_commands(DOC.read_text()) if cmd[:2] == ["hf", "download"]}
     assert downloads == {"princeton-nlp/prolong-data-64K", "princeton-nlp/prolong-data-512K",
@@ -53,11 +54,18 @@ def test_every_command_parses(argv):
     args = parse_args(argv)
     assert callable(args.func)
     if argv[0] in ("plan", "launch", "train"):  # the overrides name real recipe keys and values
+        from prolong_nemo.recipes.pipeline import split_overrides
         from prolong_nemo.recipes.stages import load_recipe
 
-        recipe = load_recipe(args.recipe, args.overrides)
-        assert recipe.data.root.startswith("/lustre/prolong/data")
-        assert recipe.checkpoint.dir == f"/lustre/prolong/runs/{args.recipe}/checkpoints"
+        if args.recipe == "pipeline":  # each stage: the common overrides, then its own
+            common, own = split_overrides(args.overrides)
+            runs = {stage: [*common, *own[stage]] for stage in own}
+            assert args.runs_dir == "/lustre/prolong/runs"
+        else:
+            runs = {args.recipe: args.overrides}
+            assert f"checkpoint.dir=/lustre/prolong/runs/{args.recipe}/checkpoints" in args.overrides
+        for name, overrides in runs.items():
+            assert load_recipe(name, overrides).data.root.startswith("/lustre/prolong/data")
 
 
 def test_inspected_mixtures_are_the_recipes():
