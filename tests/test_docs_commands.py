@@ -7,8 +7,8 @@ treatment `treatment()` gives its command; a command without one fails the test:
 
 - plan: as written (it executes nothing);
 - launch: as written plus `--dry-run` (NeMo-Run builds the jobs and prints them, submits nothing);
-- train: `plan` with the same recipe and overrides (train has no dry run; plan composes and
-  validates the same recipe);
+- train: as written plus `--cfg job` (prints the composed recipe and the Megatron-Bridge
+  ConfigContainer it builds; nothing is trained);
 - demo, data <cmd>, convert <cmd>: `--help` of that command (they need real data or run for
   minutes; tests/test_demo.py, test_data_*.py and test_convert*.py run them on fixtures).
 
@@ -99,7 +99,7 @@ def treatment(command: DocCommand) -> tuple[str, list[str]]:
     if group == "launch":
         return "dry run", argv if "--dry-run" in argv else [*argv, "--dry-run"]
     if group == "train":
-        return "plan of the same recipe", ["plan", *argv[1:]]
+        return "--cfg job", argv if "--cfg" in argv else [*argv, "--cfg", "job"]
     if group == "demo":
         return "--help", ["demo", "--help"]
     if group in ("data", "convert") and len(argv) > 1:
@@ -142,4 +142,6 @@ def test_doc_command_runs(command, tmp_path):
         assert proc.returncode == 0, f"{command.id} ({name}): exit {proc.returncode}\n{output[-3000:]}"
     if name == "dry run":
         assert "job " in proc.stdout and "command:" in proc.stdout  # what runs where was printed
+    if name == "--cfg job":
+        assert proc.stdout.startswith(f"# recipe {argv[1]}, composed and resolved")
     assert not any(tmp_path.iterdir()), f"{command.id} ({name}) wrote {sorted(tmp_path.iterdir())}"

@@ -310,6 +310,18 @@ def test_pipeline_refuses_overrides_that_break_the_chain(override, message, caps
     assert capsys.readouterr().err == f"launch: {message}\n"
 
 
+def test_pipeline_names_the_stage_of_a_refused_setting(monkeypatch):
+    monkeypatch.delenv("PROLONG_DATA_512K", raising=False)
+    args = [a for a in PIPELINE_ARGS if not a.startswith("stage_512k.data.root=")]
+    with pytest.raises(RecipeError) as e:
+        pipeline(args, "slurm", runs_dir="/lustre/runs")
+    assert str(e.value) == ("stage_512k: data.root='data/prolong-data-512K' is relative: a Slurm job needs "
+                            "absolute (shared) paths")
+    with pytest.raises(RecipeError, match="^stage_64k: a Slurm launch needs cluster.container_image="):
+        pipeline([a for a in PIPELINE_ARGS if not a.startswith("cluster.container_image")], "slurm",
+                 runs_dir="/lustre/runs")
+
+
 def test_pipeline_options_belong_to_the_pipeline(capsys):
     from prolong_nemo.cli import main
 
@@ -566,3 +578,47 @@ def test_local_pipeline_runs_in_order_and_stops_at_a_failure(tmp_path):
     assert out["stopped"] == dict(rc=f"{runs}/stage_64k/checkpoints: the previous stage's newest checkpoint is "
                                      "iteration 4875 of 5000; resubmit that stage until it finishes, then this one",
                                   order=["stage_64k"], err=[])
+
+
+def test_pipeline_submission_chains_the_slurm_jobs_afterok(tmp_path):
+    """The real submission path against a fake `sbatch` (it records its arguments and answers
+    job ids 1001, 1002, ...): four sbatch calls in order, each after the previous job id."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/bash\nn=$(( $(cat "$FAKE_SLURM_LOG" 2>/dev/null | wc -l) + 1001 ))\n'
+                                    'echo "$n $*" >> "$FAKE_SLURM_LOG"\necho $n\n')
+    for name in ("squeue", "sacct", "scontrol"):
+        (bin_dir / name).write_text("#!/bin/bash\nexit 0\n")
+    for p in bin_dir.iterdir():
+        p.chmod(0o755)
+    log, runs, jobs = tmp_path / "sbatch.log", tmp_path / "runs", tmp_path / "jobs"
+    code = f"""
+        import json, os
+        os.environ.update(PATH={str(bin_dir)!r} + os.pathsep + os.environ["PATH"], FAKE_SLURM_LOG={str(log)!r},
+                          NEMORUN_HOME={str(tmp_path / "home")!r})
+        from prolong_nemo.recipes.pipeline import launch_pipeline
+        rc = launch_pipeline({PIPELINE_ARGS!r}, executor="slurm", runs_dir={str(runs)!r}, job_dir={str(jobs)!r})
+        print(json.dumps(dict(rc=rc)))
+    """
+    assert _run_with_nemo_run(code) == {"rc": 0}
+    calls = [line.split() for line in log.read_text().splitlines()]
+    scripts = [c[-1] for c in calls]
+    assert [(c[0], c[1:-1]) for c in calls] == [
+        ("1001", ["--requeue", "--parsable"]),
+        ("1002", ["--requeue", "--parsable", "--dependency=afterok:1001"]),
+        ("1003", ["--requeue", "--parsable", "--dependency=afterok:1002"]),
+        ("1004", ["--requeue", "--parsable", "--dependency=afterok:1003"]),
+    ]
+    assert [os.path.basename(s) for s in scripts] == [
+        "stage_64k_sbatch.sh", "stage_512k_sbatch.sh", "sft_sbatch.sh", "export_sft_sbatch.sh"]
+    # the scripts sbatch was given exist: the experiment wrote them where the tunnel submits from
+    exp_dir = Path(scripts[0]).parent
+    assert exp_dir.parent == jobs / "experiments" / "prolong-pipeline" and all(Path(s).parent == exp_dir for s in scripts)
+    sbatch = [Path(s).read_text() for s in scripts]
+    assert f"--after {runs}/stage_64k/checkpoints:5000 || exit 2" in sbatch[1]
+    assert f"checkpoint.init_from={runs}/stage_64k/checkpoints" in sbatch[1]
+    assert "bash /nemo_run/scripts/export_sft.sh" in sbatch[3]  # /nemo_run: the task's folder, mounted
+    assert (exp_dir / "export_sft" / "scripts" / "export_sft.sh").read_text().splitlines()[1:] == [
+        "set -e",
+        f"prolong-nemo convert megatron-to-hf {runs}/sft/checkpoints {runs}/sft/hf --overwrite --quiet",
+        f"prolong-nemo convert verify {runs}/sft/hf {runs}/sft/checkpoints"]

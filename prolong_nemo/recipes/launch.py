@@ -250,7 +250,9 @@ def build_executor(spec: LaunchSpec, *, ssh_host: str | None = None):
         user, _, host = ssh_host.rpartition("@")
         tunnel = run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=spec.job_dir)
     else:  # submitting from a login node of the cluster
-        tunnel = run.LocalTunnel(job_dir=spec.job_dir)
+        # sbatch reads the scripts where the experiment writes them (NeMo-Run copies nothing
+        # for a local tunnel): <job dir>/experiments/<title>/<id>, see `experiment_base_dir`
+        tunnel = run.LocalTunnel(job_dir=os.path.join(spec.job_dir, "experiments"))
     preflight = spec.preflight_command()
     layout = dict(
         nodes=c.nodes,
@@ -312,6 +314,13 @@ def describe(spec: LaunchSpec, after: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
+def experiment_base_dir(spec: LaunchSpec, ssh_host: str | None) -> str | None:
+    """Where NeMo-Run keeps the experiment on this machine (it adds experiments/<title>/<id>):
+    the job dir itself, except over SSH (NeMo-Run's home here; it rsyncs the experiment to the
+    job dir on the cluster)."""
+    return None if ssh_host and spec.executor == "slurm" else spec.job_dir
+
+
 def build_experiment(spec: LaunchSpec, *, ssh_host: str | None = None, base_dir: str | None = None
                      ) -> tuple[Any, Any, Any]:
     """(experiment, script, executor), not yet submitted."""
@@ -319,7 +328,7 @@ def build_experiment(spec: LaunchSpec, *, ssh_host: str | None = None, base_dir:
     executor = build_executor(spec, ssh_host=ssh_host)
     script = build_script(spec)
     exp = run.Experiment(spec.name, executor=executor, log_level="WARN",
-                         base_dir=base_dir or os.path.join(spec.job_dir, "experiments"))
+                         base_dir=base_dir or experiment_base_dir(spec, ssh_host))
     return exp, script, executor
 
 
@@ -350,7 +359,7 @@ def submit(specs: Sequence[LaunchSpec], dependencies: Mapping[str, Sequence[str]
     # A dry run keeps NeMo-Run's experiment folder in a temporary directory: nothing is written
     # where the jobs would run (that folder may exist only on the cluster).
     with tempfile.TemporaryDirectory(prefix="prolong-launch-") as tmp:
-        base_dir = tmp if dryrun else os.path.join(specs[0].job_dir, "experiments")
+        base_dir = tmp if dryrun else experiment_base_dir(specs[0], ssh_host)
         with run.Experiment(title, log_level="WARN", base_dir=base_dir) as exp:
             for spec in specs:
                 exp.add(build_script(spec), executor=build_executor(spec, ssh_host=ssh_host), name=spec.job_name,

@@ -104,7 +104,10 @@ def pipeline(overrides: Sequence[str] = (), executor: str = "slurm", *, runs_dir
                 prev = specs[-1].recipe
                 stage_overrides.append(f"checkpoint.init_from={prev.checkpoint.dir}")
                 after = (prev.checkpoint.dir, prev.train.steps)
-            specs.append(launch_spec(stage, stage_overrides, executor, job_dir=job_dir, after=after))
+            try:
+                specs.append(launch_spec(stage, stage_overrides, executor, job_dir=job_dir, after=after))
+            except RecipeError as e:  # which stage: the override to give is `<stage>.key=...`
+                raise RecipeError(f"{stage}: {e}") from None
         return specs
 
     specs = compose({})
