@@ -322,6 +322,18 @@ def test_pipeline_names_the_stage_of_a_refused_setting(monkeypatch):
                  runs_dir="/lustre/runs")
 
 
+def test_pipeline_override_prefixes():
+    from prolong_nemo.recipes.pipeline import split_overrides
+
+    common, own = split_overrides(["optim.lr=1e-5", "+stage_64k.cluster.env.A=1", "~sft.data.cache_dir",
+                                   "stage_512k.parallel.cp=2", "++cluster.env.B=2"])
+    assert common == ["optim.lr=1e-5", "++cluster.env.B=2"]
+    assert own == {"stage_64k": ["+cluster.env.A=1"], "stage_512k": ["parallel.cp=2"], "sft": ["~data.cache_dir"]}
+    with pytest.raises(RecipeError, match=r"^--hf-dir=/lustre/runs/sft/checkpoints/hf overlaps sft's checkpoint.dir "
+                                          r"/lustre/runs/sft/checkpoints$"):
+        pipeline(PIPELINE_ARGS, "slurm", runs_dir="/lustre/runs", hf_dir="/lustre/runs/sft/checkpoints/hf")
+
+
 def test_pipeline_options_belong_to_the_pipeline(capsys):
     from prolong_nemo.cli import main
 

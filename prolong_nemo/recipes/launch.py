@@ -223,6 +223,8 @@ def export_spec(stage: LaunchSpec, hf_dir: str | None = None, *, tokenizer: str 
     recipe, local = stage.recipe, stage.executor == "local"
     ckpt = recipe.checkpoint.dir
     hf = absolute_path("--hf-dir", hf_dir or os.path.join(os.path.dirname(ckpt), "hf"), local=local)
+    if os.path.commonpath([hf, ckpt]) in (hf, ckpt):  # the export replaces the folder
+        raise RecipeError(f"--hf-dir={hf} overlaps {recipe.name}'s checkpoint.dir {ckpt}")
     cli = prolong_nemo_command(stage.executor)
     export = [cli, "convert", "megatron-to-hf", ckpt, hf, "--overwrite", "--quiet"]
     for option, value in (("--tokenizer", tokenizer), ("--ids-from", ids_from)):
