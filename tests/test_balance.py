@@ -339,3 +339,44 @@ def test_dataloader_workers_read_the_balanced_rows(domains):
     for batch, indices in zip(loader, MegatronPretrainingSampler(len(view), 8, 1, 1, 2)):
         want = view.dataset[view.source_index(indices[0])]
         assert torch.equal(batch["tokens"][0], torch.from_numpy(want["tokens"]))
+
+
+def test_cost_model_is_the_flop_model():
+    """The balancer's two coefficients are model/flops.py's training FLOPs of a row, exactly."""
+    from prolong_nemo.model.config import preset
+    from prolong_nemo.model.flops import sample_cost
+
+    rng = np.random.default_rng(0)
+    for name in ("llama3-8b", "llama3-tiny"):
+        arch, cost = preset(name), CostModel.from_arch(preset(name))
+        for _ in range(20):
+            lengths = rng.integers(1, 70_000, size=int(rng.integers(1, 40)))
+            assert cost(lengths) == pytest.approx(sample_cost(arch, lengths.tolist()), rel=1e-12)
+
+
+def test_recipes_wire_balancing_into_both_backends(tmp_path):
+    """data.balance (default on) reaches the dataset both backends build: Bridge's provider
+    fields carry it declaratively, build_prolong_datasets wraps the train split at dp > 1 with
+    the recipe model's FLOP cost, and leaves it alone at dp = 1 or when switched off."""
+    from data_fixtures import write_random_domain
+
+    from prolong_nemo.model.config import preset
+    from prolong_nemo.recipes.stages import load_recipe
+    from prolong_nemo.training.data import build_prolong_datasets, dataset_fields
+
+    recipe = load_recipe("stage_64k")
+    assert recipe.data.balance is True and not load_recipe("stage_64k", ["data.balance=false"]).data.balance
+    fields = dataset_fields(recipe)
+    assert (fields["balance"], fields["global_batch_size"], fields["preset"]) == (True, 64, "llama3-8b")
+    write_random_domain(tmp_path / "d", n=16, length=256, seed=1, max_docs=6)
+    common = dict(domains=[{"path": str(tmp_path / "d"), "proportion": 1.0}], seq_length=256, seed=1,
+                  document_masking=True, cp_size=1, tp_size=1, sequence_parallel=False, vocab_size=128256,
+                  cache_dir=None, train_samples=16, global_batch_size=8, preset="llama3-tiny")
+    balanced = build_prolong_datasets(**common, balance=True, dp_size=2)[0]
+    assert isinstance(balanced, BalancedDataset) and balanced.cost == CostModel.from_arch(preset("llama3-tiny"))
+    assert not isinstance(build_prolong_datasets(**common, balance=True, dp_size=1)[0], BalancedDataset)
+    plain = build_prolong_datasets(**common, balance=False, dp_size=2)[0]
+    assert not isinstance(plain, BalancedDataset)
+    for block in range(2):  # the same samples per global batch, rearranged
+        ids = lambda ds: sorted(bytes(np.asarray(ds[i]["tokens"])) for i in range(block * 8, block * 8 + 8))  # noqa: E731
+        assert ids(balanced) == ids(plain)

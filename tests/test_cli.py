@@ -62,13 +62,7 @@ def test_version_is_the_installed_distributions():
 
 
 # convert is not here: prolong_nemo/convert/__init__.py imports the converters (torch) eagerly.
-# plan and launch import recipes.config, which imports data.mds and data.mixture (itself importing
-# data.mds for is_remote): data.mds imports mosaicml-streaming, which imports torch.
-_VIA_DATA_MDS = pytest.mark.xfail(strict=True, reason="recipes.config -> data.mds -> streaming -> torch")
-
-
-@pytest.mark.parametrize("group", ["data", "train", pytest.param("plan", marks=_VIA_DATA_MDS),
-                                   pytest.param("launch", marks=_VIA_DATA_MDS), "demo"])
+@pytest.mark.parametrize("group", ["data", "train", "plan", "launch", "demo"])
 def test_group_help_imports_no_torch_or_megatron(group):
     result = run_probe(group, "--help")
     assert result["code"] == 0

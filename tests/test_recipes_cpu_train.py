@@ -125,7 +125,7 @@ def test_cpu_fallback_trains_and_chains_all_stages(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
 
     log = out["log_64k"]
-    assert log[0] == "[prolong] no GPU / Megatron-Bridge here: training stage_64k_cpu, the CPU miniature of stage_64k"
+    assert log[0] == "[prolong] CPU backend: training stage_64k_cpu, the CPU miniature of stage_64k"
     assert log[1] == "[prolong] starting from the weights of converted"
     assert out["64k_init_equals_hf"] is True
     steps = [line for line in log if "| lm loss" in line]

@@ -126,3 +126,42 @@ def test_cpu_recipe_path_writes_metrics_where_bridge_writes_tensorboard(tmp_path
     records = [json.loads(line) for line in (Path(recipe.logging.tensorboard_dir) / METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [r["loss"] for r in records] == [r.loss for r in state.history]
+
+
+def test_a_start_checkpoint_of_another_architecture_is_refused_naming_what_differs(tmp_path, capsys):
+    """Before any loader sees it (a raw CheckpointingException on one rank otherwise): the
+    recorded architecture is compared with the recipe's, for every start kind, both backends."""
+    from test_convert import make_hf_model
+
+    from prolong_nemo.convert import hf_to_megatron
+    from prolong_nemo.recipes.config import RecipeError
+    from prolong_nemo.training.run import Run
+
+    hf = make_hf_model(tmp_path / "hf", hidden_size=96, intermediate_size=192, num_hidden_layers=3)
+    hf_to_megatron(hf, tmp_path / "mg", show_progress=False)
+    weights = ["checkpoint.init=weights", f"checkpoint.init_from={tmp_path / 'mg'}", f"checkpoint.dir={tmp_path / 'c'}"]
+    with pytest.raises(RecipeError) as e:
+        Run.of(load_recipe("stage_64k_cpu", weights))
+    message = str(e.value)
+    assert message.startswith(f"stage_64k_cpu: the weights checkpoint {tmp_path / 'mg'} holds another model than "
+                              "model.preset=llama3-tiny: num_layers 3 (checkpoint) vs 2 (recipe); hidden_size 96 "
+                              "(checkpoint) vs 64 (recipe); ffn_hidden_size 192 (checkpoint) vs 224 (recipe)")
+    # the CPU backend's start, through the CLI: one line, nothing trained
+    assert cli_main(["train", "stage_64k_cpu", "--synthetic-data", *weights]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {message}\n" and not (tmp_path / "c" / "latest_checkpointed_iteration.txt").exists()
+    # the same model loads (and rope_theta / context length may differ between stages)
+    same = make_hf_model(tmp_path / "hf2", **_tiny_preset_as_hf())
+    hf_to_megatron(same, tmp_path / "mg2", rope_theta=8e6, show_progress=False)
+    run = Run.of(load_recipe("stage_64k_cpu", ["checkpoint.init=weights", f"checkpoint.init_from={tmp_path / 'mg2'}",
+                                               f"checkpoint.dir={tmp_path / 'c2'}"]))
+    assert run.start.kind == "weights"
+
+
+def _tiny_preset_as_hf() -> dict:
+    from prolong_nemo.model.config import preset
+
+    a = preset("llama3-tiny")
+    return dict(hidden_size=a.hidden_size, intermediate_size=a.ffn_hidden_size, num_hidden_layers=a.num_layers,
+                num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_query_groups,
+                vocab_size=a.vocab_size, tie_word_embeddings=a.tie_word_embeddings)

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from prolong_nemo.data.packing import document_segments, padded_lengths
+from prolong_nemo.model import flops
 from prolong_nemo.model.config import LlamaArch
 
 Cost = Callable[[np.ndarray], float]  # segment lengths of one packed row -> its cost
@@ -75,15 +76,12 @@ class CostModel:
 
     @classmethod
     def from_arch(cls, arch: LlamaArch | None = None) -> CostModel:
-        """Coefficients of a Llama decoder (default Llama-3-8B): 6 FLOPs per weight per token
-        (matmuls incl. the LM head); causal attention's QK^T and AV are 2 * l^2 * hidden FLOPs
-        per layer forward, x3 with backward."""
+        """The model training FLOPs of `prolong_nemo.model.flops` (default Llama-3-8B), which are
+        linear in a row's sum l (dense, LM head, attention's diagonal) and sum l^2 (attention)."""
         arch = arch or LlamaArch()
-        h, head_dim = arch.hidden_size, arch.hidden_size // arch.num_attention_heads
-        kv = arch.num_query_groups * head_dim
-        per_layer = 2 * h * h + 2 * h * kv + 3 * h * arch.ffn_hidden_size  # q, o, k, v, gate/up/down
-        weights = arch.num_layers * per_layer + h * arch.vocab_size
-        return cls(dense_per_token=6.0 * weights, attention_per_token2=6.0 * h * arch.num_layers)
+        per_token = flops.dense_flops_per_token(arch) + flops.lm_head_flops_per_token(arch)
+        return cls(dense_per_token=3.0 * (per_token + flops.attention_flops_from_moments(arch, 1.0, 0.0)),
+                   attention_per_token2=3.0 * flops.attention_flops_from_moments(arch, 0.0, 1.0))
 
     def __call__(self, lengths: np.ndarray) -> float:
         lengths = np.asarray(lengths, dtype=np.float64)  # exact: sums of l^2 stay far below 2^53

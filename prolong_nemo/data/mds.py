@@ -22,6 +22,7 @@ from streaming.base.format.mds.reader import MDSReader
 from streaming.base.hashing import get_hash, is_hash
 from streaming.base.storage.download import CloudDownloader
 
+from prolong_nemo.data.mixture import is_remote  # noqa: F401 - re-exported: mds.is_remote
 from prolong_nemo.errors import DataError
 
 LLAMA3_VOCAB_SIZE = 128256
@@ -41,10 +42,6 @@ class Sample:
     indices: np.ndarray | None  # (n_docs, 2) [start, end) or None: one document
     mask: np.ndarray | None  # 1-D uint8 instruction mask or None
     domain: str | None
-
-
-def is_remote(path: str) -> bool:
-    return urllib.parse.urlparse(path).scheme not in ("", "file")
 
 
 class MdsDomain:

@@ -17,7 +17,12 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from prolong_nemo.data.mds import DataError, is_remote
+from prolong_nemo.errors import DataError
+
+def is_remote(path: str) -> bool:
+    """An object-store / URL path (s3://, gs://, hf://, ...), which mosaicml-streaming downloads."""
+    return urllib.parse.urlparse(path).scheme not in ("", "file")
+
 
 PROPORTION_SUM_TOLERANCE = 1e-6  # |sum - 1| a written mixture may be off by (rounded shares)
 _NOT_GIVEN = object()  # a bare path: no proportion written

@@ -19,9 +19,8 @@ from typing import Any, Mapping
 
 from omegaconf import MISSING
 
-from prolong_nemo.data.mds import DataError
 from prolong_nemo.data.mixture import Mixture
-from prolong_nemo.errors import UserError
+from prolong_nemo.errors import DataError, UserError
 from prolong_nemo.model.config import LlamaArch, preset
 
 STAGES: tuple[str, ...] = ("64k", "512k", "sft")
@@ -73,6 +72,10 @@ class DataConfig:
     seed: int = 42
     num_workers: int = 2
     cache_dir: str | None = None
+    # Spread each global batch over the data-parallel ranks by attention-aware cost (sum of
+    # dense + l^2 terms), so no rank waits on the others (data/balance.py); the samples of a
+    # step, and so its loss, are unchanged. No effect at dp = 1.
+    balance: bool = True
 
     def domain_paths(self) -> list[tuple[str, float]]:
         """(absolute-or-remote path, proportion) per domain, relative paths joined to `root`."""
@@ -171,7 +174,7 @@ class ClusterConfig:
     gpus_per_node: int = 8
     gpu_memory_gb: float = 80.0
     gpu_arch: str = "hopper"
-    container_image: str | None = "nvcr.io/nvidia/nemo:26.06"
+    container_image: str | None = None  # the image the Dockerfile builds (required by launch on Slurm)
     mounts: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)

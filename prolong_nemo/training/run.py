@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from prolong_nemo.recipes.config import RecipeConfig
 from prolong_nemo.training.forward_step import StepOptions
 from prolong_nemo.training.schedule import schedule_of
-from prolong_nemo.training.start import StartPoint, resolve_start
+from prolong_nemo.training.start import StartPoint, check_start, resolve_start
 
 
 @dataclass(frozen=True)
@@ -23,9 +23,11 @@ class Run:
     step: StepOptions
 
     @classmethod
-    def of(cls, recipe: RecipeConfig) -> "Run":
-        return cls(recipe, resolve_start(recipe),
-                   StepOptions(recipe.loss.impl, recipe.loss.chunk_tokens, partition_for_cp=True))
+    def of(cls, recipe: RecipeConfig, *, strict: bool = False, log=None) -> "Run":
+        """The recipe's run, its start checkpoint checked (`start.check_start`) before any load."""
+        start = resolve_start(recipe)
+        check_start(recipe, start, strict=strict, log=log)
+        return cls(recipe, start, StepOptions(recipe.loss.impl, recipe.loss.chunk_tokens, partition_for_cp=True))
 
     def schedule(self, *, increment: int) -> dict[str, float | int]:
         """`restart_schedule` arguments in the backend's scheduler units (see `schedule_of`)."""

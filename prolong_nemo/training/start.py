@@ -106,3 +106,37 @@ def recorded_optimizer_lrs(root: str) -> dict[str, float]:
     except (ConversionError, OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
         raise RecipeError(f"{root}: cannot read the optimizer's lr / min_lr of its latest checkpoint's "
                           f"run_config.yaml to chain from it ({e})") from None
+
+
+# What a checkpoint's tensors are shaped by: a start checkpoint that differs in any of these
+# cannot load into the recipe's model (rope_theta and the context length legitimately change
+# from stage to stage, so they are not compared).
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "vocab_size", "tie_word_embeddings")
+
+
+def check_start(recipe: RecipeConfig, start: StartPoint, *, strict: bool = False, log=None) -> None:
+    """What both backends check before anything loads the start checkpoint: that nothing in it
+    unpickles code (`megatron_io.check_checkpoint`; `strict`: no fallback from a damaged
+    tracker, as Bridge reads the tracker itself), then that it holds the recipe's architecture:
+    one error naming every field that differs, instead of a tensor-shape exception on one rank.
+    A checkpoint that records no architecture is left to the loader."""
+    from prolong_nemo.convert.mapping import ConversionError
+    from prolong_nemo.convert.megatron_io import check_checkpoint, read_recorded_config
+
+    if start.opens is None:
+        return
+    try:
+        folder = check_checkpoint(Path(start.opens), log, strict=strict)
+    except ConversionError as e:
+        raise RecipeError(str(e)) from None
+    try:
+        recorded, _ = read_recorded_config(folder)
+    except ConversionError:  # no record to compare with (e.g. a checkpoint of another tool)
+        return
+    mine = recipe.arch
+    diffs = [f"{name} {getattr(recorded, name)} (checkpoint) vs {getattr(mine, name)} (recipe)"
+             for name in SHAPE_FIELDS if getattr(recorded, name) != getattr(mine, name)]
+    if diffs:
+        raise RecipeError(f"{recipe.name}: the {start.kind} checkpoint {start.opens} holds another model than "
+                          f"model.preset={recipe.model.preset}: {'; '.join(diffs)}")

@@ -50,14 +50,22 @@ class ProLongDatasetProvider(DatasetProvider):
     sequence_parallel: bool = False
     vocab_size: int = 128256
     cache_dir: str | None = None
+    balance: bool = False  # cost-balance each global batch over the data-parallel ranks
+    global_batch_size: int = 1
+    preset: str = "llama3-8b"  # the cost model's architecture (model.preset)
 
     def build_datasets(self, context: DatasetBuildContext):
+        from megatron.core import parallel_state
+
         train, valid, test = build_prolong_datasets(
             domains=self.domains, seq_length=self.seq_length, seed=self.seed,
             document_masking=self.document_masking, cp_size=self.cp_size, tp_size=self.tp_size,
             sequence_parallel=self.sequence_parallel, vocab_size=self.vocab_size, cache_dir=self.cache_dir,
             instruction_masks=self.instruction_masks, train_samples=context.train_samples,
-            valid_samples=context.valid_samples, test_samples=context.test_samples)
+            valid_samples=context.valid_samples, test_samples=context.test_samples, balance=self.balance,
+            global_batch_size=self.global_batch_size, preset=self.preset,
+            # the ranks that read different samples (TP / CP peers read the same row)
+            dp_size=parallel_state.get_data_parallel_world_size())
         return train, valid, test
 
 

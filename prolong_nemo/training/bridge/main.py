@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from prolong_nemo.recipes.config import RecipeConfig
+from prolong_nemo.recipes.config import RecipeConfig, RecipeError
 from prolong_nemo.training.bridge.config import BRIDGE_INSTALLS_SIGNAL_TRAP, bridge_version, build_config_container
 from prolong_nemo.training.progress import ProgressMeter
 from prolong_nemo.training.schedule import schedule_of
@@ -72,15 +72,10 @@ def _run(recipe: RecipeConfig, pretrain) -> int:
     from prolong_nemo.training.forward_step import make_forward_step
     from prolong_nemo.training.run import Run
 
-    run = Run.of(recipe)
-    if run.start.opens is not None:  # Bridge unpickles .metadata / *.pt with plain pickle: check them first
-        from prolong_nemo.convert import ConversionError
-        from prolong_nemo.convert.megatron_io import check_checkpoint
-
-        try:
-            check_checkpoint(run.start.opens, strict=True)
-        except ConversionError as e:
-            raise SystemExit(f"error: {e}") from None
+    try:  # Bridge unpickles .metadata / *.pt with plain pickle: they are checked first
+        run = Run.of(recipe, strict=True)
+    except RecipeError as e:
+        raise SystemExit(f"error: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[prolong] {recipe.name}: {run.start.describe()}", flush=True)
     cfg = build_config_container(recipe, run.start)

@@ -40,10 +40,14 @@ def cpu_dataset(recipe: RecipeConfig, synthetic: bool = False):
     missing = [p for p, _ in recipe.data.domain_paths() if "://" not in p and not os.path.isdir(p)]
     if missing:
         raise RecipeError(f"{recipe.name}: data domains not found: {missing} (set data.root or PROLONG_DATA_CPU)")
+    import torch.distributed as dist
+
     f = dataset_fields(recipe)
     train, _, _ = build_prolong_datasets(
         domains=f["domains"], seq_length=f["seq_length"], seed=f["seed"], document_masking=f["document_masking"],
         cp_size=f["cp_size"], tp_size=f["tp_size"], sequence_parallel=f["sequence_parallel"],
         vocab_size=f["vocab_size"], cache_dir=f["cache_dir"], instruction_masks=f["instruction_masks"],
-        train_samples=recipe.train.steps * recipe.train.global_batch_size)
+        train_samples=recipe.train.steps * recipe.train.global_batch_size, balance=f["balance"],
+        global_batch_size=f["global_batch_size"], preset=f["preset"],
+        dp_size=dist.get_world_size() if dist.is_initialized() else 1)  # the CPU runner: tp = pp = cp = 1
     return train

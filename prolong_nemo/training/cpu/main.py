@@ -77,15 +77,15 @@ def run_cpu(recipe: RecipeConfig, *, log: Callable[[str], None] = print, exit_af
 
     if recipe.parallel.model_parallel != 1:
         raise RecipeError(f"{recipe.name}: the CPU runner trains with tp = pp = cp = 1, got {recipe.parallel}")
+    cpu_runner.init_distributed(seed=recipe.train.seed)  # first: the data-parallel size sizes the balancing
     dataset = cpu_dataset(recipe, synthetic_data)
-    cpu_runner.init_distributed(seed=recipe.train.seed)
     cfg = cpu_train_config(recipe, dp=dist.get_world_size(), exit_after=exit_after)
     meter = ProgressMeter.for_recipe(recipe, world_size=dist.get_world_size())
 
     def start(state) -> None:
         for group in state.optimizer.param_groups:
             group["eps"] = recipe.optim.adam_eps
-        apply_start(Run.of(recipe).start, state, recipe, log)  # under the run lock train() holds
+        apply_start(Run.of(recipe, log=log).start, state, recipe, log)  # under the run lock train() holds
 
     def log_line(record, state, _elapsed, _done) -> str:
         return "[prolong] " + meter.line(record.step, record.loss, record.seconds, cpu_runner.peak_rss_bytes(),

@@ -255,11 +255,18 @@ def load_checkpoint(root: str | Path, state: TrainState, log: Callable[[str], No
 
 
 def _local_rows(dataset: Sequence, start: int, count: int) -> list:
-    """This DP rank's rows of the step (global sample order: rank r takes the r-th block)."""
+    """This DP rank's `count` rows of the step that starts at sample `start`, handed out by
+    megatron's `MegatronPretrainingSampler` (what Megatron-Bridge's "single" data loader uses:
+    micro-step k gives rank r sample start + k * dp + r), so both backends read the same rows
+    on the same rank (data/balance.py arranges global batches for exactly this layout)."""
     from megatron.core import parallel_state
+    from megatron.training.datasets.data_samplers import MegatronPretrainingSampler
 
-    first = start + parallel_state.get_data_parallel_rank() * count
-    return [dataset[i % len(dataset)] for i in range(first, first + count)]
+    dp = parallel_state.get_data_parallel_world_size()
+    sampler = MegatronPretrainingSampler(total_samples=start + count * dp, consumed_samples=start,
+                                         micro_batch_size=1, data_parallel_rank=parallel_state.get_data_parallel_rank(),
+                                         data_parallel_size=dp)
+    return [dataset[i % len(dataset)] for batch in sampler for i in batch]  # the epoch wraps around
 
 
 def train_step(state: TrainState, cfg: TrainConfig, dataset: Sequence, collate: Callable) -> StepRecord:
