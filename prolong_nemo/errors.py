@@ -7,3 +7,8 @@ class UserError(ValueError):
 
 class DataError(UserError):
     """Bad ProLong data; the message names the domain folder, shard and sample."""
+
+
+class ConversionError(UserError):
+    """A checkpoint or config that the converter cannot represent faithfully (the CLI prints
+    it without a traceback, exit code 2)."""

@@ -61,8 +61,7 @@ def test_version_is_the_installed_distributions():
     assert prolong_nemo.__version__ == expected
 
 
-# convert is not here: prolong_nemo/convert/__init__.py imports the converters (torch) eagerly.
-@pytest.mark.parametrize("group", ["data", "train", "plan", "launch", "demo"])
+@pytest.mark.parametrize("group", ["data", "train", "plan", "launch", "convert", "demo"])
 def test_group_help_imports_no_torch_or_megatron(group):
     result = run_probe(group, "--help")
     assert result["code"] == 0
@@ -137,3 +136,10 @@ def test_help_is_fast():
                        capture_output=True, timeout=120)
         best = min(best, time.perf_counter() - start)
     assert best < 1.5
+
+
+def test_convert_dtype_choices_are_the_export_dtypes():
+    from prolong_nemo.convert.commands import EXPORT_DTYPE_CHOICES
+    from prolong_nemo.convert.hf_config import EXPORT_DTYPES
+
+    assert EXPORT_DTYPE_CHOICES == ("auto", *EXPORT_DTYPES)

@@ -8,9 +8,20 @@ Public API:
   its export carries that checkpoint's rope_theta / max_position_embeddings.
 """
 
-from prolong_nemo.convert.mapping import ConversionError
-from prolong_nemo.convert.megatron_io import read_recorded_config, resolve_iter_dir, write_run_config
-from prolong_nemo.convert.pipelines import ConversionResult, hf_to_megatron, megatron_to_hf
+import importlib
+
+from prolong_nemo.errors import ConversionError
+
+# Imported on first use (PEP 562): the converters import torch, which `prolong-nemo convert
+# --help` and `from prolong_nemo.convert import ConversionError` do not need.
+_LAZY = {"ConversionResult": "pipelines", "hf_to_megatron": "pipelines", "megatron_to_hf": "pipelines",
+         "read_recorded_config": "megatron_io", "resolve_iter_dir": "megatron_io", "write_run_config": "megatron_io"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
 
 
 def verify(hf_dir, ckpt, tokens=None):

@@ -10,7 +10,7 @@ import argparse
 import re
 from pathlib import Path
 
-from prolong_nemo.convert.mapping import ConversionError
+from prolong_nemo.errors import ConversionError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -106,9 +106,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from prolong_nemo.convert.hf_config import EXPORT_DTYPES
+# `--dtype` choices: hf_config.EXPORT_DTYPES' names (not imported here: it imports torch, which
+# `convert --help` does not need; tests/test_cli.py checks the two agree).
+EXPORT_DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="convert_command", required=True)
 
     p = sub.add_parser("hf-to-megatron", help="HF Llama folder -> Megatron torch_dist checkpoint (Bridge layout)")
@@ -124,7 +127,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--tokenizer", type=Path, help="copy tokenizer files from this folder")
     p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="safetensors shard size (default 5GB)")
-    p.add_argument("--dtype", choices=("auto", *EXPORT_DTYPES), default="auto",
+    p.add_argument("--dtype", choices=EXPORT_DTYPE_CHOICES, default="auto",
                    help="dtype of the exported tensors, cast while streaming; config.json's dtype follows "
                    "(default auto: the checkpoint's stored dtype)")
     p.add_argument("--arch-from", type=Path, help="HF folder whose config.json gives the architecture "

@@ -14,14 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prolong_nemo.errors import UserError
+from prolong_nemo.errors import ConversionError  # noqa: F401 - re-exported: mapping.ConversionError
 from prolong_nemo.model.config import LlamaArch
-
-
-class ConversionError(UserError):
-    """A checkpoint or config that the converter cannot represent faithfully (the CLI prints
-    it without a traceback, exit code 2)."""
-
 
 # Hugging Face Llama-3 tensor dtypes we read and write.
 DTYPES: dict[str, torch.dtype] = {
