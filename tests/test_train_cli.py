@@ -136,12 +136,14 @@ def test_a_start_checkpoint_of_another_architecture_is_refused_naming_what_diffe
     from prolong_nemo.convert import hf_to_megatron
     from prolong_nemo.recipes.config import RecipeError
     from prolong_nemo.training.run import Run
+    from prolong_nemo.training.start import check_start
 
     hf = make_hf_model(tmp_path / "hf", hidden_size=96, intermediate_size=192, num_hidden_layers=3)
     hf_to_megatron(hf, tmp_path / "mg", show_progress=False)
     weights = ["checkpoint.init=weights", f"checkpoint.init_from={tmp_path / 'mg'}", f"checkpoint.dir={tmp_path / 'c'}"]
     with pytest.raises(RecipeError) as e:
-        Run.of(load_recipe("stage_64k_cpu", weights))
+        run = Run.of(load_recipe("stage_64k_cpu", weights))
+        check_start(run.recipe, run.start)
     message = str(e.value)
     assert message.startswith(f"stage_64k_cpu: the weights checkpoint {tmp_path / 'mg'} holds another model than "
                               "model.preset=llama3-tiny: num_layers 3 (checkpoint) vs 2 (recipe); hidden_size 96 "
@@ -155,6 +157,7 @@ def test_a_start_checkpoint_of_another_architecture_is_refused_naming_what_diffe
     hf_to_megatron(same, tmp_path / "mg2", rope_theta=8e6, show_progress=False)
     run = Run.of(load_recipe("stage_64k_cpu", ["checkpoint.init=weights", f"checkpoint.init_from={tmp_path / 'mg2'}",
                                                f"checkpoint.dir={tmp_path / 'c2'}"]))
+    check_start(run.recipe, run.start)
     assert run.start.kind == "weights"
 
 

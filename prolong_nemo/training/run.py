@@ -1,8 +1,8 @@
-"""One run, described once from a recipe for every backend: where it starts, how a step runs,
-and its schedule.
+"""One run, described once from a recipe for every backend: where it starts and how a step runs.
 
 Built after the run lock is held (the start is read from the checkpoint directory), on every
-rank alike; `bridge.main` and `cpu.main` each turn it into their own loop's settings.
+rank alike; `bridge.main` and `cpu.main` each check the start checkpoint (`start.check_start`,
+`start.check_start_architecture`) and turn the run into their own loop's settings.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 from prolong_nemo.recipes.config import RecipeConfig
 from prolong_nemo.training.forward_step import StepOptions
-from prolong_nemo.training.schedule import schedule_of
-from prolong_nemo.training.start import StartPoint, check_start, resolve_start
+from prolong_nemo.training.start import StartPoint, resolve_start
 
 
 @dataclass(frozen=True)
@@ -23,12 +22,6 @@ class Run:
     step: StepOptions
 
     @classmethod
-    def of(cls, recipe: RecipeConfig, *, strict: bool = False, log=None) -> "Run":
-        """The recipe's run, its start checkpoint checked (`start.check_start`) before any load."""
-        start = resolve_start(recipe)
-        check_start(recipe, start, strict=strict, log=log)
-        return cls(recipe, start, StepOptions(recipe.loss.impl, recipe.loss.chunk_tokens, partition_for_cp=True))
-
-    def schedule(self, *, increment: int) -> dict[str, float | int]:
-        """`restart_schedule` arguments in the backend's scheduler units (see `schedule_of`)."""
-        return schedule_of(self.recipe, increment=increment)
+    def of(cls, recipe: RecipeConfig) -> "Run":
+        return cls(recipe, resolve_start(recipe),
+                   StepOptions(recipe.loss.impl, recipe.loss.chunk_tokens, partition_for_cp=True))

@@ -116,13 +116,12 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
 
 
 def check_start(recipe: RecipeConfig, start: StartPoint, *, strict: bool = False, log=None) -> None:
-    """What both backends check before anything loads the start checkpoint: that nothing in it
-    unpickles code (`megatron_io.check_checkpoint`; `strict`: no fallback from a damaged
-    tracker, as Bridge reads the tracker itself), then that it holds the recipe's architecture:
-    one error naming every field that differs, instead of a tensor-shape exception on one rank.
-    A checkpoint that records no architecture is left to the loader."""
+    """Before Megatron-Bridge loads the start checkpoint: nothing in it unpickles code
+    (`megatron_io.check_checkpoint`; `strict`: no fallback from a damaged tracker, as Bridge
+    reads the tracker itself), then it holds the recipe's architecture. (The CPU backend's
+    loaders run the first check themselves: it calls `check_start_architecture` only.)"""
     from prolong_nemo.convert.mapping import ConversionError
-    from prolong_nemo.convert.megatron_io import check_checkpoint, read_recorded_config
+    from prolong_nemo.convert.megatron_io import check_checkpoint
 
     if start.opens is None:
         return
@@ -130,9 +129,23 @@ def check_start(recipe: RecipeConfig, start: StartPoint, *, strict: bool = False
         folder = check_checkpoint(Path(start.opens), log, strict=strict)
     except ConversionError as e:
         raise RecipeError(str(e)) from None
+    check_start_architecture(recipe, start, folder)
+
+
+def check_start_architecture(recipe: RecipeConfig, start: StartPoint, folder: Path | None = None) -> None:
+    """Refuse a start checkpoint whose recorded architecture (YAML only: nothing unpickled)
+    differs from the recipe's model, naming every field that differs, instead of a
+    tensor-shape exception on one rank. `folder`: the iteration folder the load reads (default:
+    the newest complete one). A checkpoint that records no architecture is left to the loader."""
+    from prolong_nemo.convert.mapping import ConversionError
+    from prolong_nemo.convert.megatron_io import latest_iter_dir, read_recorded_config, resolve_iter_dir
+
+    if start.opens is None:
+        return
     try:
+        folder = folder or latest_iter_dir(Path(start.opens)) or resolve_iter_dir(Path(start.opens))
         recorded, _ = read_recorded_config(folder)
-    except ConversionError:  # no record to compare with (e.g. a checkpoint of another tool)
+    except ConversionError:  # nothing to compare with (no record, or no checkpoint the loader would read)
         return
     mine = recipe.arch
     diffs = [f"{name} {getattr(recorded, name)} (checkpoint) vs {getattr(mine, name)} (recipe)"

@@ -17,7 +17,7 @@ from prolong_nemo.recipes.config import RecipeConfig, RecipeError
 from prolong_nemo.training.bridge.config import BRIDGE_INSTALLS_SIGNAL_TRAP, bridge_version, build_config_container
 from prolong_nemo.training.progress import ProgressMeter
 from prolong_nemo.training.schedule import schedule_of
-from prolong_nemo.training.start import StartPoint
+from prolong_nemo.training.start import StartPoint, check_start
 
 
 def callbacks_for(recipe: RecipeConfig, start: StartPoint, log=print) -> list:
@@ -72,8 +72,9 @@ def _run(recipe: RecipeConfig, pretrain) -> int:
     from prolong_nemo.training.forward_step import make_forward_step
     from prolong_nemo.training.run import Run
 
-    try:  # Bridge unpickles .metadata / *.pt with plain pickle: they are checked first
-        run = Run.of(recipe, strict=True)
+    try:
+        run = Run.of(recipe)
+        check_start(recipe, run.start, strict=True)  # Bridge unpickles .metadata / *.pt with plain pickle
     except RecipeError as e:
         raise SystemExit(f"error: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:

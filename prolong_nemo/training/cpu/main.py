@@ -17,7 +17,7 @@ from prolong_nemo.training.data import build_prolong_datasets
 from prolong_nemo.training.progress import ProgressMeter
 from prolong_nemo.training.run import Run
 from prolong_nemo.training.schedule import restart_schedule, schedule_of
-from prolong_nemo.training.start import StartPoint
+from prolong_nemo.training.start import StartPoint, check_start_architecture
 
 
 def load_weights(root: str, model, log: Callable[[str], None] | None = None) -> Path:
@@ -85,7 +85,9 @@ def run_cpu(recipe: RecipeConfig, *, log: Callable[[str], None] = print, exit_af
     def start(state) -> None:
         for group in state.optimizer.param_groups:
             group["eps"] = recipe.optim.adam_eps
-        apply_start(Run.of(recipe, log=log).start, state, recipe, log)  # under the run lock train() holds
+        start = Run.of(recipe).start  # under the run lock train() holds
+        check_start_architecture(recipe, start)  # the loaders check the files themselves
+        apply_start(start, state, recipe, log)
 
     def log_line(record, state, _elapsed, _done) -> str:
         return "[prolong] " + meter.line(record.step, record.loss, record.seconds, cpu_runner.peak_rss_bytes(),
