@@ -11,12 +11,10 @@ import sys
 
 import numpy as np
 import pytest
-
-from prolong_nemo.data.balance import (LLAMA3_8B_COST, BalancedDataset, Balancing, CostModel, assign_block,
-                                       mds_document_bounds, rank_costs)
-from prolong_nemo.data.mds import PACKED_COLUMNS, MdsDomain, write_domain
-
 from data_fixtures import write_random_domain
+
+from prolong_nemo.data.balance import LLAMA3_8B_COST, BalancedDataset, Balancing, CostModel, assign_block, rank_costs
+from prolong_nemo.data.mds import PACKED_COLUMNS, MdsDomain, mds_document_bounds, write_domain
 
 
 class Rows:

@@ -48,13 +48,13 @@ Contract
 from __future__ import annotations
 
 import heapq
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from prolong_nemo.data.mds import mds_document_bounds
 from prolong_nemo.data.packing import document_segments, padded_lengths
 from prolong_nemo.model import flops
 from prolong_nemo.model.config import LlamaArch
@@ -247,55 +247,3 @@ class _BlendedLengths:
             blended.dataset_index = np.load(blended.path_to_dataset_index, mmap_mode="r")
             blended.dataset_sample_index = np.load(blended.path_to_dataset_sample_index, mmap_mode="r")
         return self.readers[int(blended.dataset_index[idx])](int(blended.dataset_sample_index[idx]))
-
-
-def mds_document_bounds(domain, idx: int) -> tuple[int, np.ndarray | None]:
-    """(token count, (n_docs, 2) document indices or None) of MDS sample ``idx`` of ``domain``
-    (an ``MdsDomain``), reading only the ``length`` and ``indices`` columns of the shard.
-
-    Anything unexpected (a shard not in the local cache yet, no ``length`` column, a malformed
-    sample) falls back to the full, validated read, which names the problem if there is one.
-    """
-    reader, local_idx = domain.locate(int(idx))
-    filename = os.path.join(domain.local, reader.raw_data.basename)
-    columns = list(zip(reader.column_names, reader.column_encodings, reader.column_sizes))
-    if "length" in reader.column_names and os.path.isfile(filename):
-        try:
-            with open(filename, "rb", buffering=0) as f:
-                bounds = _read_columns(f.fileno(), local_idx, columns)
-        except (OSError, ValueError):
-            bounds = None
-        if bounds is not None:
-            return bounds
-    sample = domain[int(idx)]
-    return len(sample.input_ids), sample.indices
-
-
-def _read_columns(fd: int, local_idx: int, columns) -> tuple[int, np.ndarray | None] | None:
-    """The sample's ``length`` and ``indices`` (if the shard has them) by MDS's layout: a uint32
-    offset table after the sample count, then per sample the uint32 sizes of its variable-size
-    columns and the columns' bytes in order. None when the bytes do not look like that."""
-    from streaming.base.format.mds.encodings import mds_decode
-
-    begin, end = (int(x) for x in np.frombuffer(os.pread(fd, 8, 4 * (1 + local_idx)), np.uint32))
-    n_variable = sum(size is None for _, _, size in columns)
-    header = np.frombuffer(os.pread(fd, 4 * n_variable, begin), np.uint32).tolist()
-    if len(header) != n_variable:
-        return None
-    position, values, variable = begin + 4 * n_variable, {}, iter(header)
-    for name, encoding, size in columns:
-        size = next(variable) if size is None else size
-        if name in ("indices", "length"):
-            data = os.pread(fd, size, position)
-            if len(data) != size:
-                return None
-            values[name] = mds_decode(encoding, data)
-        position += size
-    if position != end:
-        return None
-    n, indices = int(values["length"]), np.asarray(values.get("indices", np.zeros((0, 2))))
-    if indices.size == 0:
-        return n, None
-    if indices.ndim != 2 or indices.shape[1] != 2 or indices.min() < 0 or indices.max() > n:
-        return None
-    return n, indices.astype(np.int64)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prolong_nemo.data.mds import LLAMA3_VOCAB_SIZE, DataError, MdsDomain
+from prolong_nemo.data.mds import LLAMA3_VOCAB_SIZE, DataError, MdsDomain, mds_document_bounds
 from prolong_nemo.data.mixture import Mixture
 from prolong_nemo.data.packing import document_segments
 
@@ -109,8 +109,9 @@ def _domain_means(path: str, n: int, document_masking: bool, vocab_size: int,
                   cache_dir: str | None) -> tuple[float, float, int]:
     domain = MdsDomain(path, cache_dir=cache_dir, vocab_size=vocab_size)
     picks = np.unique(np.linspace(0, len(domain) - 1, min(n, len(domain))).astype(int))
-    moments = np.array([sample_moments(len(s.input_ids), s.indices, document_masking)
-                        for s in (domain[int(i)] for i in picks)], dtype=np.float64)
+    # the `length` / `indices` columns only: a 512K sample's tokens are never decoded
+    moments = np.array([sample_moments(*mds_document_bounds(domain, int(i)), document_masking)
+                        for i in picks], dtype=np.float64)
     return float(moments[:, 0].mean()), float(moments[:, 1].mean()), len(picks)
 
 

@@ -13,6 +13,7 @@ import bisect
 import json
 import os
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -328,3 +329,56 @@ def write_domain(folder: str, samples, *, with_mask: bool = False, columns: dict
             writer.write(sample)
             count += 1
     return count
+
+
+# ---- a sample's document bounds without decoding its tokens (the balancer, plan's length statistics)
+def mds_document_bounds(domain, idx: int) -> tuple[int, np.ndarray | None]:
+    """(token count, (n_docs, 2) document indices or None) of MDS sample ``idx`` of ``domain``
+    (an ``MdsDomain``), reading only the ``length`` and ``indices`` columns of the shard.
+
+    Anything unexpected (a shard not in the local cache yet, no ``length`` column, a malformed
+    sample) falls back to the full, validated read, which names the problem if there is one.
+    """
+    reader, local_idx = domain.locate(int(idx))
+    filename = os.path.join(domain.local, reader.raw_data.basename)
+    columns = list(zip(reader.column_names, reader.column_encodings, reader.column_sizes))
+    if "length" in reader.column_names and os.path.isfile(filename):
+        try:
+            with open(filename, "rb", buffering=0) as f:
+                bounds = _read_columns(f.fileno(), local_idx, columns)
+        except (OSError, ValueError):
+            bounds = None
+        if bounds is not None:
+            return bounds
+    sample = domain[int(idx)]
+    return len(sample.input_ids), sample.indices
+
+
+def _read_columns(fd: int, local_idx: int, columns) -> tuple[int, np.ndarray | None] | None:
+    """The sample's ``length`` and ``indices`` (if the shard has them) by MDS's layout: a uint32
+    offset table after the sample count, then per sample the uint32 sizes of its variable-size
+    columns and the columns' bytes in order. None when the bytes do not look like that."""
+    from streaming.base.format.mds.encodings import mds_decode
+
+    begin, end = (int(x) for x in np.frombuffer(os.pread(fd, 8, 4 * (1 + local_idx)), np.uint32))
+    n_variable = sum(size is None for _, _, size in columns)
+    header = np.frombuffer(os.pread(fd, 4 * n_variable, begin), np.uint32).tolist()
+    if len(header) != n_variable:
+        return None
+    position, values, variable = begin + 4 * n_variable, {}, iter(header)
+    for name, encoding, size in columns:
+        size = next(variable) if size is None else size
+        if name in ("indices", "length"):
+            data = os.pread(fd, size, position)
+            if len(data) != size:
+                return None
+            values[name] = mds_decode(encoding, data)
+        position += size
+    if position != end:
+        return None
+    n, indices = int(values["length"]), np.asarray(values.get("indices", np.zeros((0, 2))))
+    if indices.size == 0:
+        return n, None
+    if indices.ndim != 2 or indices.shape[1] != 2 or indices.min() < 0 or indices.max() > n:
+        return None
+    return n, indices.astype(np.int64)
